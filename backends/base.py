@@ -1,0 +1,419 @@
+"""The backend interface: one small contract that every object store fills in.
+
+A backend subclass implements blocking ``_primitive`` methods over its SDK, working on raw
+keys (the bucket prefix already applied), and a ``_translate`` that maps SDK exceptions to
+the errors in :mod:`cloudfs.backends.errors`.  Everything that is the same for every store
+lives here, once:
+
+* the async face used by the rest of cloudfs (``await backend.head(key)``);
+* running the blocking SDK call in a worker thread, under a per-backend CapacityLimiter
+  (no global state: two mounts never share a limiter);
+* retrying ``Transient`` errors with capped exponential backoff and jitter (tenacity),
+  then giving up with the error (EIO at the FUSE boundary) -- never hanging;
+* paging of listings, the mount prefix, and key validation against the capabilities.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import os
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, TypeVar
+
+import tenacity
+import trio
+
+from .errors import BackendError, ConfigError, InvalidName, NameTooLong, NotSupported, Transient
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a store can hold; the FUSE layer refuses what does not fit before it uploads."""
+
+    max_key_bytes: int = 1024
+    max_metadata_bytes: int = 2048
+    min_part_size: int = 5 * 1024 * 1024
+    max_part_size: int = 5 * 1024**3
+    max_parts: int = 10_000
+    # Characters no key may contain (beyond NUL, which no store accepts).
+    forbidden_chars: str = ""
+    # Whether listings carry user metadata (saves a HEAD per entry in readdir).
+    listing_has_metadata: bool = False
+    # Whether a multipart upload can take a part by server-side copy of another object.
+    part_copy: bool = False
+    # Whether put/get honour If-Match / If-None-Match style conditions.
+    conditional_writes: bool = False
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object as seen by HEAD or a listing. ``metadata`` is None when the listing did not carry it."""
+
+    key: str
+    size: int
+    etag: str | None = None
+    mtime: float | None = None  # server-side last-modified, epoch seconds
+    metadata: dict[str, str] | None = None
+
+
+@dataclass
+class ListPage:
+    objects: list[ObjectInfo] = field(default_factory=list)
+    prefixes: list[str] = field(default_factory=list)  # common prefixes, each ending in the delimiter
+    next_token: str | None = None
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    number: int  # 1-based
+    etag: str
+
+
+class Payload:
+    """A body to upload that can be re-read from the start on every retry attempt.
+
+    Either bytes in memory or a byte range of a local file, so large bodies stream from
+    disk instead of sitting in memory.
+    """
+
+    def __init__(self, data: bytes | None = None, path: str | None = None, offset: int = 0,
+                 length: int | None = None) -> None:
+        if (data is None) == (path is None):
+            raise ValueError("give either data or path")
+        self.data = data
+        self.path = path
+        self.offset = offset
+        if data is not None:
+            self.size = len(data)
+        else:
+            assert path is not None
+            self.size = os.path.getsize(path) - offset if length is None else length
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Payload:
+        return cls(data=data)
+
+    @classmethod
+    def from_file(cls, path: str, offset: int = 0, length: int | None = None) -> Payload:
+        return cls(path=path, offset=offset, length=length)
+
+    def open(self) -> BinaryIO:
+        """A fresh reader positioned at the start of the payload."""
+        if self.data is not None:
+            return io.BytesIO(self.data)
+        assert self.path is not None
+        if self.offset == 0 and self.size == os.path.getsize(self.path):
+            return open(self.path, "rb")  # noqa: SIM115 - caller closes
+        return _RangeReader(self.path, self.offset, self.size)
+
+    def read_all(self) -> bytes:
+        with self.open() as f:
+            return f.read()
+
+
+class _RangeReader(io.RawIOBase):
+    """A seekable read-only view of ``length`` bytes of a file starting at ``offset``."""
+
+    def __init__(self, path: str, offset: int, length: int) -> None:
+        self._f = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._start = offset
+        self._len = length
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._len}[whence]
+        self._pos = max(0, min(self._len, base + pos))
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        n = min(len(b), self._len - self._pos)
+        if n <= 0:
+            return 0
+        data = os.pread(self._f.fileno(), n, self._start + self._pos)
+        b[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 6
+    initial_delay: float = 0.2
+    max_delay: float = 10.0
+    # Upper bound for one blocking SDK call, so a dead connection ends in EIO, not a hang.
+    call_timeout: float = 300.0
+
+
+class Backend:
+    """Base class. Subclasses set ``scheme`` and ``capabilities`` and implement the primitives."""
+
+    scheme: str = ""
+    capabilities: Capabilities = Capabilities()
+    # Option names (from ``-o``) a backend accepts; the CLI rejects the others.
+    options: frozenset[str] = frozenset()
+
+    def __init__(self, bucket: str, prefix: str = "", *, max_connections: int = 16,
+                 retry: RetryPolicy | None = None) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.limiter = trio.CapacityLimiter(max_connections)
+        self.retry = retry or RetryPolicy()
+
+    @classmethod
+    def from_url(cls, netloc: str, path: str, options: dict[str, str]) -> Backend:
+        """Build from the URL's host part (bucket/account) and path (prefix), plus ``-o`` options."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ description
+    def describe(self) -> str:
+        """A URL-like name without credentials, for logs and status."""
+        return f"{self.scheme}://{self.bucket}/{self.prefix}"
+
+    # ------------------------------------------------------------------ primitives (blocking)
+    # Keys given to primitives already carry the mount prefix.
+    def _translate(self, exc: Exception) -> BackendError | None:
+        """Map an SDK exception to a BackendError; None means 'not an SDK error' (re-raise)."""
+        return None
+
+    def _check_bucket(self) -> None:
+        raise NotImplementedError
+
+    def _list_page(self, prefix: str, delimiter: str | None, token: str | None, limit: int) -> ListPage:
+        raise NotImplementedError
+
+    def _head(self, key: str) -> ObjectInfo:
+        raise NotImplementedError
+
+    def _get_into(self, key: str, start: int, length: int | None, out: BinaryIO,
+                  if_match: str | None) -> None:
+        """Write bytes [start, start+length) of the object to ``out`` (length None: to the end)."""
+        raise NotImplementedError
+
+    def _put(self, key: str, payload: Payload, metadata: dict[str, str], if_match: str | None,
+             if_none_match: bool) -> str:
+        """Store the whole object; returns the new ETag."""
+        raise NotImplementedError
+
+    def _set_metadata(self, key: str, metadata: dict[str, str]) -> str:
+        """Replace the object's user metadata; returns the ETag. Default: copy onto itself."""
+        return self._copy(key, key, metadata)
+
+    def _copy(self, src: str, dst: str, metadata: dict[str, str] | None) -> str:
+        raise NotImplementedError
+
+    def _delete(self, key: str) -> None:
+        """Delete one object. A missing object is not an error (deletes are idempotent)."""
+        raise NotImplementedError
+
+    def _delete_many(self, keys: list[str]) -> None:
+        for key in keys:
+            self._delete(key)
+
+    def _mpu_create(self, key: str, metadata: dict[str, str]) -> str:
+        raise NotImplementedError
+
+    def _mpu_part(self, key: str, upload_id: str, number: int, payload: Payload) -> str:
+        raise NotImplementedError
+
+    def _mpu_part_copy(self, key: str, upload_id: str, number: int, src_key: str, start: int,
+                       length: int, src_etag: str | None) -> str:
+        raise NotSupported("server-side part copy")
+
+    def _mpu_complete(self, key: str, upload_id: str, parts: list[PartInfo]) -> str:
+        raise NotImplementedError
+
+    def _mpu_abort(self, key: str, upload_id: str) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release SDK clients and connection pools."""
+
+    # ------------------------------------------------------------------ plumbing
+    def full_key(self, key: str) -> str:
+        return self.prefix + key
+
+    def validate_key(self, key: str) -> None:
+        """Raise NameTooLong / InvalidName if the store cannot hold this key."""
+        full = self.full_key(key)
+        if len(full.encode()) > self.capabilities.max_key_bytes:
+            raise NameTooLong(f"key is {len(full.encode())} bytes, {self.scheme} allows "
+                              f"{self.capabilities.max_key_bytes}")
+        bad = "\0" + self.capabilities.forbidden_chars
+        if any(c in full for c in bad):
+            raise InvalidName(f"{self.scheme} cannot store a name with one of {bad!r}")
+
+    def _guard(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return fn(*args)
+        except BackendError:
+            raise
+        except Exception as exc:
+            mapped = self._translate(exc)
+            if mapped is None:
+                raise
+            raise mapped from None  # drop the SDK traceback: it may hold signed URLs
+
+    async def _call(self, fn: Callable[..., T], *args: Any, retry: bool = True) -> T:
+        """Run a primitive in a worker thread with the retry policy."""
+        policy = self.retry
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            delay = tenacity.wait_random_exponential(multiplier=policy.initial_delay,
+                                                     max=policy.max_delay)(state)
+            if isinstance(exc, Transient) and exc.retry_after:
+                delay = max(delay, min(exc.retry_after, policy.max_delay))
+            return delay
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning("%s: %s failed (%s), retry %d/%d", self.describe(),
+                        getattr(fn, "__name__", "call").lstrip("_"), exc,
+                        state.attempt_number, policy.attempts - 1)
+
+        retrying = tenacity.AsyncRetrying(
+            sleep=trio.sleep,
+            stop=tenacity.stop_after_attempt(policy.attempts if retry else 1),
+            wait=wait,
+            retry=tenacity.retry_if_exception_type(Transient),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                with trio.fail_after(policy.call_timeout):
+                    try:
+                        return await trio.to_thread.run_sync(
+                            functools.partial(self._guard, fn, *args),
+                            limiter=self.limiter, abandon_on_cancel=True)
+                    except trio.TooSlowError:
+                        raise Transient(f"{self.scheme} call timed out") from None
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------------ async face
+    async def check(self) -> None:
+        """Fail with BucketNotFound / AuthenticationFailed early, at mount time."""
+        await self._call(self._check_bucket)
+
+    async def list_page(self, prefix: str, delimiter: str | None = "/", token: str | None = None,
+                        limit: int = 1000) -> ListPage:
+        page = await self._call(self._list_page, self.full_key(prefix), delimiter, token, limit)
+        n = len(self.prefix)
+        if n:
+            page.objects = [_strip(o, n) for o in page.objects]
+            page.prefixes = [p[n:] for p in page.prefixes]
+        return page
+
+    async def list(self, prefix: str, delimiter: str | None = "/",
+                   limit: int = 1000) -> AsyncIterator[ListPage]:
+        """All pages of a listing, fetched one page at a time."""
+        token: str | None = None
+        while True:
+            page = await self.list_page(prefix, delimiter, token, limit)
+            yield page
+            token = page.next_token
+            if not token:
+                return
+
+    async def head(self, key: str) -> ObjectInfo:
+        return _strip(await self._call(self._head, self.full_key(key)), len(self.prefix))
+
+    async def get_range(self, key: str, start: int = 0, length: int | None = None,
+                        if_match: str | None = None) -> bytes:
+        buf = io.BytesIO()
+        await self.download(key, buf, start, length, if_match)
+        return buf.getvalue()
+
+    async def download(self, key: str, out: BinaryIO, start: int = 0, length: int | None = None,
+                       if_match: str | None = None) -> None:
+        """Stream a byte range into ``out`` (rewound and truncated before each retry)."""
+        if length == 0:
+            return
+        origin = out.tell()
+
+        def attempt(k: str) -> None:
+            out.seek(origin)
+            out.truncate()
+            self._get_into(k, start, length, out, if_match)
+
+        attempt.__name__ = "get"
+        await self._call(attempt, self.full_key(key))
+
+    async def put(self, key: str, payload: Payload, metadata: dict[str, str] | None = None,
+                  if_match: str | None = None, if_none_match: bool = False) -> str:
+        self.validate_key(key)
+        return await self._call(self._put, self.full_key(key), payload, dict(metadata or {}),
+                                if_match, if_none_match)
+
+    async def set_metadata(self, key: str, metadata: dict[str, str]) -> str:
+        return await self._call(self._set_metadata, self.full_key(key), dict(metadata))
+
+    async def copy(self, src: str, dst: str, metadata: dict[str, str] | None = None) -> str:
+        self.validate_key(dst)
+        return await self._call(self._copy, self.full_key(src), self.full_key(dst),
+                                None if metadata is None else dict(metadata))
+
+    async def delete(self, key: str) -> None:
+        await self._call(self._delete, self.full_key(key))
+
+    async def delete_many(self, keys: Iterable[str]) -> None:
+        batch = [self.full_key(k) for k in keys]
+        for i in range(0, len(batch), 1000):
+            await self._call(self._delete_many, batch[i:i + 1000])
+
+    async def mpu_create(self, key: str, metadata: dict[str, str] | None = None) -> str:
+        self.validate_key(key)
+        return await self._call(self._mpu_create, self.full_key(key), dict(metadata or {}))
+
+    async def mpu_part(self, key: str, upload_id: str, number: int, payload: Payload) -> PartInfo:
+        etag = await self._call(self._mpu_part, self.full_key(key), upload_id, number, payload)
+        return PartInfo(number, etag)
+
+    async def mpu_part_copy(self, key: str, upload_id: str, number: int, src_key: str, start: int,
+                            length: int, src_etag: str | None = None) -> PartInfo:
+        etag = await self._call(self._mpu_part_copy, self.full_key(key), upload_id, number,
+                                self.full_key(src_key), start, length, src_etag)
+        return PartInfo(number, etag)
+
+    async def mpu_complete(self, key: str, upload_id: str, parts: list[PartInfo]) -> str:
+        return await self._call(self._mpu_complete, self.full_key(key), upload_id,
+                                sorted(parts, key=lambda p: p.number))
+
+    async def mpu_abort(self, key: str, upload_id: str) -> None:
+        await self._call(self._mpu_abort, self.full_key(key), upload_id)
+
+    def part_size_for(self, size: int, preferred: int) -> int:
+        """A part size >= preferred that keeps ``size`` within the store's part-count limit."""
+        caps = self.capabilities
+        part = max(preferred, caps.min_part_size)
+        while size > part * caps.max_parts:
+            part *= 2
+        if part > caps.max_part_size:
+            raise ConfigError(f"object of {size} bytes is too large for {self.scheme}")
+        return part
+
+
+def _strip(info: ObjectInfo, n: int) -> ObjectInfo:
+    if not n:
+        return info
+    return ObjectInfo(info.key[n:], info.size, info.etag, info.mtime, info.metadata)

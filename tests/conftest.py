@@ -1,0 +1,61 @@
+"""Shared fixtures: servers per backend (session-wide), a fresh bucket per test, backends and mounts."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.servers import Target, selected_backends, server_class
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Every test that asks for `backend_name` runs once per backend: the conformance matrix.
+    if "backend_name" in metafunc.fixturenames:
+        names = selected_backends()
+        only = metafunc.definition.get_closest_marker("backends")
+        if only:
+            names = [n for n in names if n in only.args]
+        metafunc.parametrize("backend_name", names, scope="session")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "backends(*names): run only on these backends")
+
+
+@pytest.fixture(scope="session")
+def server(backend_name: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    workdir = tmp_path_factory.mktemp(f"server-{backend_name}")
+    with server_class(backend_name)(workdir) as srv:
+        yield srv
+
+
+@pytest.fixture
+def target(server: Any, monkeypatch: pytest.MonkeyPatch) -> Target:
+    tgt: Target = server.new_bucket()
+    for k, v in tgt.env.items():
+        monkeypatch.setenv(k, v)
+    return tgt
+
+
+@pytest.fixture
+def backend(target: Target) -> Iterator[Any]:
+    from cloudfs.backends import open_backend
+
+    b = open_backend(target.url, target.options)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def local_target(tmp_path: Path) -> Target:
+    root = tmp_path / "bucket"
+    root.mkdir()
+    return Target("local", f"file://{root}", extra={"root": root})
+
+
+def pytest_report_header() -> str:
+    return f"cloudfs backends under test: {', '.join(selected_backends())} (uid {os.getuid()})"

@@ -43,6 +43,7 @@ UNITS_SRC = Path(__file__).resolve().parents[2] / "systemd"
 class Mount:
     mountpoint: str
     options: set[str]  # per-mount options (ro, nosuid, nodev, ...)
+    dev: str  # major:minor; for FUSE the minor names /sys/fs/fuse/connections/MINOR
     fstype: str
     source: str
     super_options: set[str]
@@ -60,15 +61,22 @@ def parse_mountinfo(text: str) -> list[Mount]:
         r = right.split()
         if len(f) < 6 or len(r) < 3:
             continue
-        out.append(Mount(_unescape(f[4]), set(f[5].split(",")), r[0], _unescape(r[1]), set(r[2].split(","))))
+        opts, super_opts = set(f[5].split(",")), set(r[2].split(","))
+        out.append(Mount(_unescape(f[4]), opts, f[2], r[0], _unescape(r[1]), super_opts))
     return out
+
+
+def _canonical_no_stat(path: str | os.PathLike[str]) -> str:
+    """realpath of the parent only: stat()ing a mountpoint whose FUSE daemon hangs would hang us too."""
+    p = os.path.abspath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))
 
 
 def mounts_at(path: str | os.PathLike[str], mountinfo: str | None = None) -> list[Mount]:
     if mountinfo is None:
         mountinfo = Path("/proc/self/mountinfo").read_text()
-    p = os.path.realpath(path) if mountinfo is None else str(path)
-    return [m for m in parse_mountinfo(mountinfo) if m.mountpoint in (p, os.path.realpath(path))]
+        path = _canonical_no_stat(path)
+    return [m for m in parse_mountinfo(mountinfo) if m.mountpoint == str(path)]
 
 
 def cloudfs_mount_at(path: str | os.PathLike[str], mountinfo: str | None = None) -> Mount | None:
@@ -90,12 +98,49 @@ def wait_for(pred: Callable[[], object], timeout: float, what: str, interval: fl
         time.sleep(interval)
 
 
+def kill_daemons_for(path: str | os.PathLike[str]) -> list[int]:
+    """SIGKILL, by PID, ``cloudfs mount`` processes whose argv names this mountpoint.
+
+    A daemon that deadlocked on its own mountpoint keeps every process that touches the path
+    (even umount, which stats it) in uninterruptible sleep; killing it fails those requests.
+    """
+    target = _canonical_no_stat(path)
+    killed = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in argv]
+        if any(a.endswith("cloudfs") for a in args[:2]) and "mount" in args and (
+            target in args or str(path) in args
+        ):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(d.name), signal.SIGKILL)
+                killed.append(int(d.name))
+    return killed
+
+
 def lazy_unmount(path: str | os.PathLike[str]) -> None:
-    """Last-resort cleanup for a test that left a mount behind."""
+    """Last-resort cleanup for a test that left a mount behind, even a hung one.
+
+    Aborting the FUSE connection (if fusectl is mounted) fails the daemon's pending requests,
+    so a deadlocked daemon exits; ``umount -l -c`` detaches without stat()ing the path.
+    """
+    path = _canonical_no_stat(path)
     for _ in range(5):
-        if not cloudfs_mount_at(path):
+        m = cloudfs_mount_at(path)
+        if not m:
             return
-        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+        abort = Path(f"/sys/fs/fuse/connections/{m.dev.split(':')[1]}/abort")
+        with contextlib.suppress(OSError):
+            abort.write_text("1")
+        kill_daemons_for(path)
+        time.sleep(0.2)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run(["umount", "-l", "-c", path], capture_output=True, timeout=30)
 
 
 # --- the helper in /sbin -----------------------------------------------------------------------
@@ -107,10 +152,16 @@ def helper_installed(prefix: str = "/sbin") -> Iterator[list[str]]:
     from cloudfs import mount_helper
 
     written: list[str] = []
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt("SIGTERM")  # pytest still runs finalizers, so /sbin gets cleaned
+
+    old = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         written = mount_helper.install(prefix)
         yield written
     finally:
+        signal.signal(signal.SIGTERM, old)
         mount_helper.uninstall(prefix)
         for p in written:
             with contextlib.suppress(FileNotFoundError):
@@ -312,9 +363,11 @@ class PrivateSystemd:
     inside.
     """
 
-    def __init__(self, seed: dict[str, object] | None = None, symlinks: dict[str, str] | None = None) -> None:
+    def __init__(self, seed: dict[str, object] | None = None, symlinks: dict[str, str] | None = None,
+                 dirs: list[str] | None = None) -> None:  # fmt: skip
         self.workdir = Path(tempfile.mkdtemp(prefix="cloudfs-systemd-"))
         self.seed = seed or {}
+        self.dirs = dirs or []  # empty directories, e.g. mountpoints
         self.symlinks = symlinks or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid: int | None = None  # host PID of the private systemd
@@ -348,6 +401,8 @@ class PrivateSystemd:
                 p.write_text(str(content))
             if mode is not None:
                 os.chmod(p, mode)
+        for rel in self.dirs:
+            (seed / rel.lstrip("/")).mkdir(parents=True, exist_ok=True)
         for rel, target in self.symlinks.items():
             p = seed / rel.lstrip("/")
             p.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,185 @@
+"""mount.cloudfs through mount(8) itself, and the service's ExecStart under a notify socket.
+
+These run the real ``cloudfs mount`` (local-disk backend) on the host, as root.  The helper is
+installed into /sbin for the module and removed afterwards, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.systemd.harness import (
+    CLOUDFS,
+    NotifySocket,
+    cloudfs_mount_at,
+    helper_installed,
+    lazy_unmount,
+    wait_for,
+)
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mount(8) helpers in /sbin need root")
+
+
+@pytest.fixture(scope="module")
+def sbin_helper():
+    with helper_installed("/sbin") as paths:
+        yield paths
+    assert not os.path.exists("/sbin/mount.cloudfs")
+
+
+@pytest.fixture
+def bucket(tmp_path):
+    b = tmp_path / "bucket"
+    b.mkdir()
+    (b / "hello.txt").write_text("hello from the bucket\n")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    yield b, mnt
+    lazy_unmount(mnt)  # only acts if a test left the mount behind (never stats the path)
+
+
+def run_logged(cmd: list[str], tmp: Path, timeout: float = 45) -> tuple[int, str]:
+    """Run with output in a file, not a pipe: a daemon that kept our pipe open must not hang us."""
+    log = tmp / f"out-{time.monotonic_ns()}.log"
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=f, timeout=timeout).returncode
+    return rc, log.read_text()
+
+
+def read_through(path: Path, timeout: float = 10) -> str:
+    """Read a file in another process with a timeout (a hung FUSE mount must fail the test, not hang it)."""
+    r = subprocess.run(["cat", str(path)], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def cache_opts(tmp: Path) -> str:
+    return f"cache_dir={tmp}/cache,cache_size=64M"
+
+
+def test_mount_t_cloudfs_returns_when_ready(sbin_helper, bucket, tmp_path):
+    b, mnt = bucket
+    rc, out = run_logged(["mount", "-v", "-t", "cloudfs", f"file://{b}", str(mnt),
+                          "-o", f"ro,_netdev,nofail,dev,suid,{cache_opts(tmp_path)}"], tmp_path)  # fmt: skip
+    assert rc == 0, out
+    # mount(8) returned: the file is readable right now, no polling
+    m = cloudfs_mount_at(mnt)
+    assert m is not None, f"mount(8) returned before the mount existed\n{out}"
+    assert read_through(mnt / "hello.txt") == "hello from the bucket\n"
+    assert {"ro", "nosuid", "nodev"} <= m.options, m
+    # mount(8) passes _netdev and nofail on; the helper drops them (and dev,suid)
+    assert "ignoring options: _netdev,nofail,dev,suid" in out, out
+    rc, out = run_logged(["umount", str(mnt)], tmp_path)
+    assert rc == 0, out
+    assert cloudfs_mount_at(mnt) is None
+
+
+def test_mount_T_fstab(sbin_helper, bucket, tmp_path):
+    b, mnt = bucket
+    fstab = tmp_path / "fstab"
+    fstab.write_text(
+        f"file://{b} {mnt} cloudfs ro,_netdev,noauto,nofail,x-systemd.automount,x-systemd.idle-timeout=1min,"
+        f"comment=cloudfs,{cache_opts(tmp_path)},writeback_delay=1 0 0\n"
+    )
+    rc, out = run_logged(["mount", "-v", "-T", str(fstab), str(mnt)], tmp_path)
+    assert rc == 0, out
+    m = cloudfs_mount_at(mnt)
+    assert m is not None and {"ro", "nosuid", "nodev"} <= m.options, (m, out)
+    assert read_through(mnt / "hello.txt") == "hello from the bucket\n"
+    # mount(8) strips noauto, x-*, comment= itself; the helper drops the rest
+    assert "ignoring options: _netdev,nofail" in out, out
+    assert f"-o ro,{cache_opts(tmp_path)},writeback_delay=1" in out, out
+    rc, out = run_logged(["umount", str(mnt)], tmp_path)
+    assert rc == 0, out
+    assert cloudfs_mount_at(mnt) is None
+
+
+def test_mount_t_fuse_cloudfs_read_write(sbin_helper, bucket, tmp_path):
+    b, mnt = bucket
+    rc, out = run_logged(["mount", "-t", "fuse.cloudfs", f"file://{b}", str(mnt),
+                          "-o", f"{cache_opts(tmp_path)},writeback_delay=60"], tmp_path)  # fmt: skip
+    assert rc == 0, out
+    m = cloudfs_mount_at(mnt)
+    assert m is not None and {"rw", "nosuid", "nodev"} <= m.options, m
+    (mnt / "new.txt").write_text("written through mount(8)\n")
+    # umount flushes the pending upload (writeback_delay=60 has not passed)
+    rc, out = run_logged(["umount", str(mnt)], tmp_path, timeout=120)
+    assert rc == 0, out
+    wait_for(lambda: (b / "new.txt").exists(), 60, "the pending upload after umount")
+    assert (b / "new.txt").read_text() == "written through mount(8)\n"
+
+
+def test_fake_mount_mounts_nothing(sbin_helper, bucket, tmp_path):
+    b, mnt = bucket
+    rc, out = run_logged(["mount", "-f", "-v", "-t", "cloudfs", f"file://{b}", str(mnt)], tmp_path)
+    assert rc == 0, out
+    assert cloudfs_mount_at(mnt) is None
+
+
+def test_failing_mount_fails_with_a_message(sbin_helper, bucket, tmp_path):
+    _, mnt = bucket
+    missing = tmp_path / "no-such-bucket"
+    rc, out = run_logged(["mount", "-t", "cloudfs", f"file://{missing}", str(mnt)], tmp_path)
+    assert rc != 0
+    assert str(missing) in out, out
+    assert cloudfs_mount_at(mnt) is None
+    cmd = ["mount", "-t", "cloudfs", f"file://{tmp_path}", str(mnt), "-o", "bogus_opt"]
+    rc, out = run_logged(cmd, tmp_path)
+    assert rc != 0 and "bogus_opt" in out, out
+
+
+# --- readiness: the service's ExecStart under a notify socket --------------------------------
+
+
+def test_execstart_ready_only_when_mounted_and_sigterm_flushes(bucket, tmp_path):
+    b, mnt = bucket
+    confdir = tmp_path / "conf"
+    confdir.mkdir()
+    conf = confdir / "ready.conf"
+    conf.write_text(
+        f'url = "file://{b}"\nmountpoint = "{mnt}"\n'
+        f'options = {{ cache_dir = "{tmp_path}/cache", cache_size = "64M", writeback_delay = "600" }}\n'
+        '[environment]\nCLOUDFS_TEST_SECRET = "x"\n'
+    )
+    conf.chmod(0o600)
+    sock = NotifySocket(tmp_path)
+    log = open(tmp_path / "daemon.log", "w")
+    # exactly the ExecStart= of systemd/cloudfs@.service
+    env = {**os.environ, "NOTIFY_SOCKET": sock.path, "CLOUDFS_CONFIG_DIR": str(confdir)}
+    proc = subprocess.Popen([CLOUDFS, "mount", "--profile", "ready", "--foreground"],
+                            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)  # fmt: skip
+    try:
+        seen_at_ready = {}
+
+        def on_message(msg):
+            if "READY" in msg:  # at this moment, before anything else happens, the mount must work
+                seen_at_ready["mount"] = cloudfs_mount_at(mnt)
+                seen_at_ready["data"] = read_through(mnt / "hello.txt")
+
+        ready = sock.wait_for("READY", 60, on_message)
+        assert ready["READY"] == "1"
+        assert "Mounted" in ready.get("STATUS", "")
+        assert seen_at_ready["mount"] is not None
+        assert {"nosuid", "nodev"} <= seen_at_ready["mount"].options
+        assert seen_at_ready["data"] == "hello from the bucket\n"
+
+        (mnt / "pending.txt").write_text("must survive SIGTERM\n")
+        assert not (b / "pending.txt").exists()  # writeback_delay=600: still pending
+        proc.send_signal(signal.SIGTERM)
+        sock.wait_for("STOPPING", 30)
+        assert proc.wait(120) == 0
+        assert (b / "pending.txt").read_text() == "must survive SIGTERM\n"
+        assert cloudfs_mount_at(mnt) is None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        log.close()
+        sock.close()
+        print((tmp_path / "daemon.log").read_text()[-3000:])

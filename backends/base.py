@@ -110,7 +110,7 @@ class Payload:
             return io.BytesIO(self.data)
         assert self.path is not None
         if self.offset == 0 and self.size == os.path.getsize(self.path):
-            return open(self.path, "rb")  # noqa: SIM115 - caller closes
+            return open(self.path, "rb")
         return _RangeReader(self.path, self.offset, self.size)
 
     def read_all(self) -> bytes:
@@ -122,7 +122,7 @@ class _RangeReader(io.RawIOBase):
     """A seekable read-only view of ``length`` bytes of a file starting at ``offset``."""
 
     def __init__(self, path: str, offset: int, length: int) -> None:
-        self._f = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._f = open(path, "rb")
         self._start = offset
         self._len = length
         self._pos = 0
@@ -326,10 +326,13 @@ class Backend:
 
     async def list(self, prefix: str, delimiter: str | None = "/",
                    limit: int = 1000) -> AsyncIterator[ListPage]:
-        """All pages of a listing, fetched one page at a time."""
+        """All pages of a listing, fetched one page at a time; each common prefix once."""
         token: str | None = None
+        seen: set[str] = set()
         while True:
             page = await self.list_page(prefix, delimiter, token, limit)
+            page.prefixes = [p for p in page.prefixes if p not in seen]
+            seen.update(page.prefixes)
             yield page
             token = page.next_token
             if not token:

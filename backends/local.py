@@ -21,7 +21,7 @@ import shutil
 import uuid
 from typing import BinaryIO
 
-from .base import Backend, Capabilities, ListPage, ObjectInfo, Payload, PartInfo
+from .base import Backend, Capabilities, ListPage, ObjectInfo, PartInfo, Payload
 from .errors import (
     AlreadyExists,
     BackendError,
@@ -101,7 +101,8 @@ class LocalBackend(Backend):
 
     def _info(self, key: str, path: str, st: os.stat_result | None = None) -> ObjectInfo:
         st = st or os.stat(path, follow_symlinks=False)
-        return ObjectInfo(key, 0 if key.endswith("/") else st.st_size, self._etag(st), st.st_mtime, self._read_meta(path))
+        size = 0 if key.endswith("/") else st.st_size
+        return ObjectInfo(key, size, self._etag(st), st.st_mtime, self._read_meta(path))
 
     def _translate(self, exc: Exception) -> BackendError | None:
         if isinstance(exc, OSError):

@@ -174,7 +174,6 @@ def cli_known_options(source: str) -> set[str] | None:
         from urllib.parse import urlsplit
 
         from cloudfs.backends import backend_class
-
         from cloudfs.options import OPTIONS
 
         return {"ro", "rw", *OPTIONS, *backend_class(urlsplit(source).scheme).options}

@@ -6,6 +6,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+
 from cloudfs.backends import Backend, Payload, open_backend
 from cloudfs.backends.azure import AzureBackend, decode_meta_key, encode_meta_key
 from cloudfs.backends.base import RetryPolicy
@@ -18,7 +19,6 @@ from cloudfs.backends.errors import (
     NotFound,
     Transient,
 )
-
 from tests.servers import Target
 from tests.servers.process import free_port
 

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import pytest
 import trio
+
 from cloudfs.backends import Backend, Payload, open_backend
 from cloudfs.backends.base import RetryPolicy
 from cloudfs.backends.errors import (
@@ -21,7 +22,6 @@ from cloudfs.backends.errors import (
     PreconditionFailed,
     Transient,
 )
-
 from tests.servers import Target
 from tests.servers.process import free_port
 

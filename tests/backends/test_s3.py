@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import pytest
 import trio
+
 from cloudfs.backends import Payload, open_backend
 from cloudfs.backends.base import RetryPolicy
 from cloudfs.backends.errors import (
@@ -26,7 +27,6 @@ from cloudfs.backends.errors import (
     Transient,
 )
 from cloudfs.backends.s3 import S3Backend
-
 from tests.servers import Target
 from tests.servers.process import free_port
 from tests.servers.s3 import start_moto

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from cloudfs.backends import Payload, open_backend
 
+from cloudfs.backends import Payload, open_backend
 from tests.servers import seaweed
 
 

@@ -44,7 +44,7 @@ class ManagedProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, ready: Callable[[], bool], timeout: float = 60.0) -> None:
-        log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the child
+        log = open(self.log_path, "wb")
         try:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                          cwd=self.cwd, start_new_session=True)

@@ -1,0 +1,477 @@
+"""The local block cache: file contents cut into fixed-size blocks kept on local disk.
+
+One *entry* per object key, in ``CACHE_DIR/entries/<sha256(key)>/``: block files ``b<N>``
+and the journal record ``state.json`` (:mod:`cloudfs.cache.journal`).  A block is either
+
+* absent: its bytes are fetched on demand with one ranged GET of the remote version
+  (``base``), or are zeros where the remote version never had them;
+* clean: a local copy of the remote version, evictable (LRU);
+* dirty: written locally, not yet uploaded, never evicted.
+
+The size bound is hard: creating a block reserves ``block_size`` bytes first; if clean
+blocks cannot be evicted to make room, the caller waits until the uploader turns dirty
+blocks clean.  Writers also wait when dirty bytes reach ``max_dirty``.  The concurrency
+rules (what runs between awaits, the per-block locks) are in docs/concurrency.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from cloudfs.backends import Backend
+from cloudfs.backends.errors import BackendError, PreconditionFailed
+
+from .journal import EntryState, fsync_dir, read_state, write_state
+from .multi_lock import MultiLock
+
+log = logging.getLogger(__name__)
+
+
+class CacheLocked(Exception):
+    """Another mount uses this cache directory."""
+
+
+class StaleError(BackendError):
+    errno = errno.ESTALE
+
+
+@dataclass
+class Remote:
+    """The remote version the clean blocks of an entry belong to."""
+
+    etag: str | None
+    size: int
+
+
+@dataclass
+class Entry:
+    id: str
+    key: str
+    size: int
+    base: Remote | None
+    fetch_limit: int
+    dir: str
+    present: set[int] = field(default_factory=set)
+    dirty: dict[int, int] = field(default_factory=dict)  # block -> write generation
+    metadata: dict[str, str] = field(default_factory=dict)
+    gen: int = 0
+    uploading: bool = False
+    deleted: bool = False
+    open_count: int = 0
+    last_write: float = 0.0
+    trunc_low: int = 0  # smallest size truncated to while an upload runs
+    pending: bool = False  # content or metadata differs from the remote object: upload it
+    journaled: bool = False  # state.json reflects the dirty set
+    idle: trio.Event = field(default_factory=trio.Event)  # set when no upload runs
+
+    def block_path(self, block: int) -> str:
+        return os.path.join(self.dir, f"b{block}")
+
+    def state(self) -> EntryState:
+        return EntryState(self.key, self.size, self.base.etag if self.base else None,
+                          self.base.size if self.base else 0, self.fetch_limit,
+                          sorted(self.dirty), dict(self.metadata), self.pending)
+
+
+def entry_id(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:40]
+
+
+class BlockCache:
+    def __init__(self, backend: Backend, cache_dir: str, *, block_size: int, max_bytes: int,
+                 max_dirty: int, min_free: int = 0, readahead_blocks: int = 4) -> None:
+        self.backend = backend
+        self.dir = cache_dir
+        self.entries_dir = os.path.join(cache_dir, "entries")
+        self.block_size = block_size
+        self.max_bytes = max_bytes
+        self.max_dirty = min(max_dirty, max_bytes)
+        self.min_free = min_free
+        self.readahead_blocks = readahead_blocks
+        self.entries: dict[str, Entry] = {}  # by key; orphans (unlinked while open) are not here
+        self.lru: OrderedDict[tuple[str, int], Entry] = OrderedDict()  # clean blocks, oldest first
+        self.used = 0  # bytes reserved by block files (each counted as one block)
+        self.dirty_bytes = 0
+        self.block_locks = MultiLock()
+        self._changed = trio.Event()  # replaced each time space is freed / dirty bytes drop
+        self.fetch_limiter = trio.CapacityLimiter(8)
+        self.on_pressure: Callable[[], None] = lambda: None  # uploader hook: upload now
+        self.stats = {"fetches": 0, "fetched_bytes": 0, "evictions": 0, "hits": 0}
+        self._lock_fd: int | None = None
+
+    # ------------------------------------------------------------------ start-up
+    def open(self) -> list[Entry]:
+        """Lock the cache dir, load persisted entries; returns entries with pending uploads."""
+        os.makedirs(self.entries_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        fd = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CacheLocked(f"cache directory {self.dir} is in use by another cloudfs mount") from None
+        self._lock_fd = fd
+        pending = []
+        loaded: list[tuple[float, tuple[str, int], Entry]] = []
+        for name in os.listdir(self.entries_dir):
+            path = os.path.join(self.entries_dir, name)
+            state = read_state(path)
+            if state is None or name != entry_id(state.key):
+                shutil.rmtree(path, ignore_errors=True)  # orphan of an unlinked file, or torn
+                continue
+            entry = Entry(name, state.key, state.size,
+                          Remote(state.base_etag, state.base_size) if state.base_etag else None,
+                          state.fetch_limit, path, metadata=state.metadata, pending=state.pending,
+                          journaled=True)
+            entry.idle.set()
+            for fname in os.listdir(path):
+                if fname.startswith("b") and fname[1:].isdigit():
+                    block = int(fname[1:])
+                    entry.present.add(block)
+                    self.used += self.block_size
+                    if block in state.dirty:
+                        entry.gen += 1
+                        entry.dirty[block] = entry.gen
+                        self.dirty_bytes += self.block_size
+                    else:
+                        mtime = os.stat(os.path.join(path, fname)).st_mtime
+                        loaded.append((mtime, (name, block), entry))
+                elif fname.endswith(".tmp"):
+                    os.unlink(os.path.join(path, fname))
+            self.entries[entry.key] = entry
+            if entry.pending:
+                pending.append(entry)
+        for _, k, entry in sorted(loaded, key=lambda t: t[0]):
+            self.lru[k] = entry
+        return pending
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # ------------------------------------------------------------------ entries
+    def entry(self, key: str, remote: Remote | None, size: int) -> Entry:
+        """The entry for ``key``, checked against the current remote version.
+
+        Clean blocks of an older remote version are dropped (another writer changed the
+        object); an entry with dirty blocks keeps them (the uploader detects the conflict).
+        """
+        entry = self.entries.get(key)
+        if entry is not None:
+            if not entry.pending and not entry.uploading and remote is not None and (
+                    entry.base is None or entry.base.etag != remote.etag):
+                self._drop_blocks(entry, set(entry.present))
+                entry.base = remote
+                entry.size = remote.size
+                entry.fetch_limit = remote.size
+                self._journal(entry)
+            return entry
+        path = os.path.join(self.entries_dir, entry_id(key))
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path, mode=0o700)
+        entry = Entry(entry_id(key), key, size if remote is None else remote.size, remote,
+                      remote.size if remote else 0, path)
+        entry.idle.set()
+        self.entries[key] = entry
+        self._journal(entry)
+        return entry
+
+    def _journal(self, entry: Entry, durable: bool = False) -> None:
+        if entry.deleted:
+            return
+        write_state(entry.dir, entry.state(), durable)
+        entry.journaled = True
+
+    def rename(self, entry: Entry, new_key: str) -> None:
+        """Move an entry to a new key (the object was renamed). Replaces any entry there."""
+        old = self.entries.pop(new_key, None)
+        if old is not None and old is not entry:
+            self.discard(old)
+        self.entries.pop(entry.key, None)
+        new_dir = os.path.join(self.entries_dir, entry_id(new_key))
+        shutil.rmtree(new_dir, ignore_errors=True)
+        os.rename(entry.dir, new_dir)
+        for block in entry.present:
+            self.lru.pop((entry.id, block), None)
+        entry.id, entry.key, entry.dir = entry_id(new_key), new_key, new_dir
+        for block in entry.present - set(entry.dirty):
+            self.lru[(entry.id, block)] = entry
+        self.entries[new_key] = entry
+        self._journal(entry)
+
+    def discard(self, entry: Entry) -> None:
+        """Forget an entry and its blocks (the object was deleted)."""
+        if self.entries.get(entry.key) is entry:
+            del self.entries[entry.key]
+        entry.deleted = True
+        self._drop_blocks(entry, set(entry.present))
+        shutil.rmtree(entry.dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ space
+    def _drop_blocks(self, entry: Entry, blocks: set[int]) -> None:
+        for block in blocks:
+            if block not in entry.present:
+                continue
+            entry.present.discard(block)
+            self.lru.pop((entry.id, block), None)
+            if entry.dirty.pop(block, None) is not None:
+                self.dirty_bytes -= self.block_size
+            self.used -= self.block_size
+            try:
+                os.unlink(entry.block_path(block))
+            except FileNotFoundError:
+                pass
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _wait_change(self) -> None:
+        """Sleep until space is freed or dirty bytes drop; callers re-check their condition."""
+        self.on_pressure()
+        await self._changed.wait()
+
+    def _evict_one(self) -> bool:
+        for (_eid, block), entry in self.lru.items():
+            if entry.uploading:
+                continue
+            self.stats["evictions"] += 1
+            self._drop_blocks(entry, {block})
+            return True
+        return False
+
+    def _disk_free(self) -> int:
+        st = os.statvfs(self.dir)
+        return st.f_bavail * st.f_frsize
+
+    async def reserve(self) -> None:
+        """Make room for one more block file: evict clean blocks, else wait for uploads."""
+        while True:
+            while self.used + self.block_size > self.max_bytes or (
+                    self.min_free and self._disk_free() < self.min_free + self.block_size):
+                if not self._evict_one():
+                    break
+            else:
+                self.used += self.block_size
+                return
+            log.info("cache full (%d bytes, %d dirty): waiting for uploads", self.used, self.dirty_bytes)
+            await self._wait_change()
+
+    async def wait_dirty_budget(self) -> None:
+        while self.dirty_bytes + self.block_size > self.max_dirty:
+            await self._wait_change()
+
+    # ------------------------------------------------------------------ blocks
+    def _block_len(self, entry: Entry, block: int) -> int:
+        return max(0, min(self.block_size, entry.size - block * self.block_size))
+
+    async def ensure_block(self, entry: Entry, block: int, key: str | None = None) -> None:
+        """Make the block present locally (fetch its remote part, zeros for the rest)."""
+        if block in entry.present:
+            self.stats["hits"] += 1
+            return
+        async with self.block_locks((entry.id, block)):
+            if block in entry.present:
+                return
+            await self.reserve()
+            start = block * self.block_size
+            remote_len = max(0, min(self.block_size, entry.fetch_limit - start))
+            path = entry.block_path(block)
+            try:
+                if remote_len and entry.base is not None:
+                    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+                    try:
+                        async with self.fetch_limiter:
+                            with open(tmp, "wb", opener=_private) as f:
+                                await self.backend.download(key or entry.key, f, start, remote_len,
+                                                            if_match=entry.base.etag)
+                        if os.path.getsize(tmp) != remote_len:
+                            raise StaleError(f"{entry.key}: object is shorter than expected")
+                        os.rename(tmp, path)
+                    except PreconditionFailed:
+                        raise StaleError(f"{entry.key}: changed on the server; reopen it") from None
+                    finally:
+                        if os.path.exists(tmp):
+                            os.unlink(tmp)
+                    self.stats["fetches"] += 1
+                    self.stats["fetched_bytes"] += remote_len
+                else:
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+            except BaseException:
+                self.used -= self.block_size
+                self._wake()
+                raise
+            if entry.deleted:  # unlinked while we fetched
+                self.used -= self.block_size
+                return
+            entry.present.add(block)
+            self.lru[(entry.id, block)] = entry
+
+    def _touch(self, entry: Entry, block: int) -> None:
+        k = (entry.id, block)
+        if k in self.lru:
+            self.lru.move_to_end(k)
+
+    async def read(self, entry: Entry, offset: int, size: int) -> bytes:
+        end = min(offset + size, entry.size)
+        out = bytearray()
+        pos = offset
+        while pos < end:
+            block, within = divmod(pos, self.block_size)
+            n = min(self.block_size - within, end - pos)
+            await self.ensure_block(entry, block)
+            fd = os.open(entry.block_path(block), os.O_RDONLY)
+            try:
+                data = os.pread(fd, n, within)
+            finally:
+                os.close(fd)
+            if len(data) < n:
+                data += bytes(n - len(data))  # hole: zeros past the end of the block file
+            self._touch(entry, block)
+            out += data
+            pos += n
+        return bytes(out)
+
+    def prefetch_range(self, entry: Entry, offset: int) -> list[int]:
+        """Blocks worth fetching ahead of a sequential reader at ``offset``."""
+        first = offset // self.block_size + 1
+        last = min((entry.size - 1) // self.block_size if entry.size else -1,
+                   first + self.readahead_blocks - 1)
+        return [b for b in range(first, last + 1)
+                if b not in entry.present and b * self.block_size < entry.fetch_limit
+                and not self.block_locks.locked((entry.id, b))]
+
+    async def write(self, entry: Entry, offset: int, data: bytes | memoryview) -> int:
+        pos, view = offset, memoryview(data)
+        while view:
+            block, within = divmod(pos, self.block_size)
+            n = min(self.block_size - within, len(view))
+            if block not in entry.dirty:
+                await self.wait_dirty_budget()
+            covers = within == 0 and (n == self.block_size or pos + n >= entry.size)
+            if block not in entry.present:
+                if covers or block * self.block_size >= entry.fetch_limit:
+                    # Nothing remote to merge with: start an empty block.
+                    await self.ensure_block_empty(entry, block)
+                else:
+                    await self.ensure_block(entry, block)
+            fd = os.open(entry.block_path(block), os.O_WRONLY)
+            try:
+                os.pwrite(fd, view[:n], within)
+            finally:
+                os.close(fd)
+            self._mark_dirty(entry, block)
+            view = view[n:]
+            pos += n
+            entry.size = max(entry.size, pos)
+        entry.last_write = time.monotonic()
+        return len(data)
+
+    async def ensure_block_empty(self, entry: Entry, block: int) -> None:
+        async with self.block_locks((entry.id, block)):
+            if block in entry.present:
+                return
+            await self.reserve()
+            os.close(os.open(entry.block_path(block), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+            # Callers guarantee no remote byte of this block survives the coming write.
+            entry.present.add(block)
+            self.lru[(entry.id, block)] = entry
+
+    def mark_pending(self, entry: Entry) -> None:
+        """The object must be (re)uploaded: new file, resized, or metadata changed."""
+        entry.gen += 1
+        if not entry.pending:
+            entry.pending = True
+            entry.journaled = False
+        if not entry.journaled:
+            self._journal(entry)
+
+    def _mark_dirty(self, entry: Entry, block: int) -> None:
+        entry.gen += 1
+        entry.pending = True
+        if block not in entry.dirty:
+            self.dirty_bytes += self.block_size
+            self.lru.pop((entry.id, block), None)
+            entry.dirty[block] = entry.gen
+            entry.journaled = False
+        else:
+            entry.dirty[block] = entry.gen
+        if not entry.journaled:
+            self._journal(entry)  # so a killed process still finds the pending upload
+
+    async def truncate(self, entry: Entry, size: int) -> None:
+        if size < entry.size:
+            last = (size - 1) // self.block_size if size else -1
+            self._drop_blocks(entry, {b for b in entry.present if b > last})
+            entry.fetch_limit = min(entry.fetch_limit, size)
+            within = size - last * self.block_size if last >= 0 else 0
+            if last >= 0 and within < self.block_size:
+                if last in entry.present or last * self.block_size < entry.fetch_limit:
+                    await self.ensure_block(entry, last)
+                    os.truncate(entry.block_path(last), min(within, os.path.getsize(entry.block_path(last))))
+                    self._mark_dirty(entry, last)
+        entry.size = size
+        entry.trunc_low = min(entry.trunc_low, size)
+        entry.pending = True
+        entry.gen += 1
+        self._journal(entry)
+
+    def materialize_length(self, entry: Entry, block: int, length: int) -> None:
+        """Extend a present block file with zeros to its logical length (for upload)."""
+        path = entry.block_path(block)
+        if os.path.getsize(path) < length:
+            os.truncate(path, length)
+
+    async def make_durable(self, entry: Entry) -> None:
+        """fsync the dirty blocks and the journal record: the data survives a crash."""
+        def sync() -> None:
+            for block in list(entry.dirty):
+                try:
+                    fd = os.open(entry.block_path(block), os.O_RDONLY)
+                except FileNotFoundError:
+                    continue
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            write_state(entry.dir, entry.state(), durable=True)
+            fsync_dir(self.entries_dir)
+
+        if entry.deleted:
+            return
+        await trio.to_thread.run_sync(sync)
+        entry.journaled = True
+
+    def mark_uploaded(self, entry: Entry, etag: str, size: int, gens: dict[int, int],
+                      trunc_low: int, gen: int) -> None:
+        """After an upload of a snapshot: blocks not rewritten since become clean."""
+        entry.base = Remote(etag, size)
+        if entry.gen == gen:
+            entry.pending = False
+        entry.fetch_limit = min(size, trunc_low)
+        for block, gen in gens.items():
+            if entry.dirty.get(block) == gen:
+                del entry.dirty[block]
+                self.dirty_bytes -= self.block_size
+                if block in entry.present:
+                    self.lru[(entry.id, block)] = entry
+        self._journal(entry)
+        self._wake()
+
+
+def _private(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)

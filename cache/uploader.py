@@ -1,0 +1,300 @@
+"""The write-back uploader: sends pending entries to the backend in the background.
+
+An entry is uploaded ``delay`` seconds after its last write (so a file being written is
+not uploaded again and again), at once under cache pressure, and on demand (fsync with
+``sync_upload``, rename, unmount).  Large objects go up as parallel multipart parts, one
+part per block group; blocks that are unchanged and not cached are copied server-side
+where the backend can (upload-part-copy) and fetched otherwise.  An upload works on a
+snapshot (size, dirty-block generations); blocks written during the upload stay dirty
+and are sent again.  See docs/concurrency.md and docs/semantics.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from cloudfs.backends import Backend, PartInfo, Payload
+from cloudfs.backends.errors import BackendError, NotFound, PreconditionFailed
+
+from .block_cache import BlockCache, Entry, Remote
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Snapshot:
+    key: str
+    size: int
+    gen: int
+    dirty: dict[int, int]
+    base: Remote | None
+    fetch_limit: int
+    metadata: dict[str, str]
+
+
+def conflict_key(key: str) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return f"{key}.conflict-{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+class Uploader:
+    def __init__(self, cache: BlockCache, backend: Backend, *, delay: float = 5.0,
+                 parallel_files: int = 4, parallel_parts: int = 8) -> None:
+        self.cache = cache
+        self.backend = backend
+        self.delay = delay
+        self.file_slots = trio.CapacityLimiter(parallel_files)
+        self.part_slots = trio.CapacityLimiter(parallel_parts)
+        self.queue: dict[str, Entry] = {}  # entry id -> entry with pending changes
+        self.retry_at: dict[str, float] = {}
+        self.errors: dict[str, BackendError] = {}
+        self.urgent = False
+        self._wakeup = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self.tmp_dir = os.path.join(cache.dir, "tmp")
+        # Called when an upload found the object changed by another writer (key, conflict key).
+        self.on_conflict: Callable[[Entry, str], None] = lambda entry, saved_as: None
+        self.uploaded_bytes = 0
+        cache.on_pressure = self.pressure
+
+    # ------------------------------------------------------------------ scheduling
+    def schedule(self, entry: Entry) -> None:
+        if entry.pending and not entry.deleted:
+            self.queue[entry.id] = entry
+            self._wake()
+
+    def pressure(self) -> None:
+        self.urgent = True
+        self._wake()
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        os.makedirs(self.tmp_dir, mode=0o700, exist_ok=True)
+        for name in os.listdir(self.tmp_dir):
+            os.unlink(os.path.join(self.tmp_dir, name))
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                self._wakeup = trio.Event()
+                now = time.monotonic()
+                urgent, self.urgent = self.urgent, False
+                next_due = now + 1.0
+                for entry in list(self.queue.values()):
+                    if entry.uploading:
+                        continue
+                    if not entry.pending or entry.deleted:
+                        self.queue.pop(entry.id, None)
+                        continue
+                    due = max(entry.last_write + self.delay, self.retry_at.get(entry.id, 0))
+                    if urgent and entry.id not in self.retry_at:
+                        due = now
+                    if due <= now:
+                        nursery.start_soon(self._upload_task, entry)
+                    else:
+                        next_due = min(next_due, due)
+                with trio.move_on_after(max(0.05, next_due - now)):
+                    await self._wakeup.wait()
+
+    async def _upload_task(self, entry: Entry) -> None:
+        try:
+            await self.upload(entry)
+        except BackendError as exc:
+            self.retry_at[entry.id] = time.monotonic() + min(60.0, 2.0 * (1 + len(self.errors)))
+            log.error("upload of %s failed, will retry: %s", entry.key, exc)
+
+    # ------------------------------------------------------------------ waiting
+    async def wait_idle(self, entry: Entry) -> None:
+        while entry.uploading:
+            await entry.idle.wait()
+
+    async def flush(self, entry: Entry) -> None:
+        """Upload now and return when the content at call time is on the backend."""
+        while True:
+            await self.wait_idle(entry)
+            if not entry.pending or entry.deleted:
+                return
+            gen = entry.gen
+            await self.upload(entry)
+            if entry.gen == gen or not entry.pending:
+                return
+
+    def pending_entries(self) -> list[Entry]:
+        return [e for e in self.cache.entries.values() if e.pending and not e.deleted]
+
+    async def flush_all(self, progress: bool = False) -> None:
+        """Upload every pending entry (unmount); a progress bar on a terminal."""
+        entries = self.pending_entries()
+        if not entries:
+            return
+        total = sum(e.size for e in entries)
+        bar = None
+        if progress and sys.stderr.isatty():
+            from tqdm import tqdm
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="cloudfs: uploading")
+        log.info("flushing %d pending file(s), %d bytes", len(entries), total)
+        failures: list[str] = []
+
+        async def one(entry: Entry) -> None:
+            try:
+                await self.flush(entry)
+            except BackendError as exc:
+                failures.append(f"{entry.key}: {exc}")
+            if bar is not None:
+                bar.update(entry.size)
+
+        async with trio.open_nursery() as nursery:
+            for entry in entries:
+                nursery.start_soon(one, entry)
+        if bar is not None:
+            bar.close()
+        if failures:
+            raise BackendError("could not upload: " + "; ".join(failures[:5]))
+
+    # ------------------------------------------------------------------ uploading
+    async def upload(self, entry: Entry) -> None:
+        await self.wait_idle(entry)
+        if not entry.pending or entry.deleted:
+            return
+        async with self.file_slots:
+            entry.uploading = True
+            entry.idle = trio.Event()
+            entry.trunc_low = entry.size
+            snap = Snapshot(entry.key, entry.size, entry.gen, dict(entry.dirty), entry.base,
+                            entry.fetch_limit, dict(entry.metadata))
+            try:
+                target = snap.key
+                if await self._changed_remotely(snap):
+                    target = conflict_key(snap.key)
+                    log.warning("%s changed on the server while local changes were pending; "
+                                "the server's version keeps the name, the local one is saved as %s",
+                                snap.key, target)
+                etag = await self._send(entry, snap, target)
+                self.uploaded_bytes += snap.size
+                if target != snap.key:
+                    self.on_conflict(entry, target)
+                elif not entry.deleted:
+                    self.cache.mark_uploaded(entry, etag, snap.size, snap.dirty,
+                                             entry.trunc_low, snap.gen)
+                self.retry_at.pop(entry.id, None)
+                self.errors.pop(entry.id, None)
+                if not entry.pending:
+                    self.queue.pop(entry.id, None)
+            except BackendError as exc:
+                self.errors[entry.id] = exc
+                raise
+            except OSError as exc:
+                # A block file vanished under us (truncate/unlink during the upload): retry later.
+                raise BackendError(f"{entry.key}: local cache changed during upload ({exc})") from exc
+            finally:
+                entry.uploading = False
+                entry.idle.set()
+                self._wake()
+
+    async def _changed_remotely(self, snap: Snapshot) -> bool:
+        try:
+            info = await self.backend.head(snap.key)
+        except NotFound:
+            return False  # new, or deleted by someone else: writing it back loses nothing
+        if snap.base is None:
+            return True  # someone created it after we did
+        return info.etag != snap.base.etag
+
+    def _part_size(self, size: int) -> int:
+        bs = self.cache.block_size
+        part = self.backend.part_size_for(size, bs)
+        return -(-part // bs) * bs  # whole blocks per part
+
+    async def _send(self, entry: Entry, snap: Snapshot, key: str) -> str:
+        part = self._part_size(snap.size)
+        if snap.size <= part:
+            tmp = await self._assemble(entry, snap, 0, snap.size)
+            try:
+                return await self.backend.put(key, Payload.from_file(tmp), snap.metadata)
+            finally:
+                os.unlink(tmp)
+        upload_id = await self.backend.mpu_create(key, snap.metadata)
+        parts: list[PartInfo] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                for number, start in enumerate(range(0, snap.size, part), 1):
+                    length = min(part, snap.size - start)
+                    nursery.start_soon(self._send_part, entry, snap, key, upload_id, number, start,
+                                       length, parts)
+            return await self.backend.mpu_complete(key, upload_id, parts)
+        except BaseException:
+            with trio.CancelScope(shield=True), trio.move_on_after(30):
+                try:
+                    await self.backend.mpu_abort(key, upload_id)
+                except BackendError as exc:
+                    log.warning("could not abort multipart upload of %s: %s", key, exc)
+            raise
+
+    async def _send_part(self, entry: Entry, snap: Snapshot, key: str, upload_id: str, number: int,
+                         start: int, length: int, parts: list[PartInfo]) -> None:
+        async with self.part_slots:
+            bs = self.cache.block_size
+            blocks = range(start // bs, (start + length - 1) // bs + 1)
+            copyable = (snap.base is not None and self.backend.capabilities.part_copy
+                        and key == snap.key and start + length <= snap.fetch_limit
+                        and not any(b in entry.present or b in snap.dirty for b in blocks))
+            if copyable:
+                assert snap.base is not None
+                parts.append(await self.backend.mpu_part_copy(key, upload_id, number, snap.key, start,
+                                                              length, snap.base.etag))
+                return
+            if len(blocks) == 1 and blocks[0] in entry.present:
+                self.cache.materialize_length(entry, blocks[0], length)
+                payload = Payload.from_file(entry.block_path(blocks[0]), 0, length)
+                parts.append(await self.backend.mpu_part(key, upload_id, number, payload))
+                return
+            tmp = await self._assemble(entry, snap, start, length)
+            try:
+                parts.append(await self.backend.mpu_part(key, upload_id, number, Payload.from_file(tmp)))
+            finally:
+                os.unlink(tmp)
+
+    async def _assemble(self, entry: Entry, snap: Snapshot, start: int, length: int) -> str:
+        """Write bytes [start, start+length) of the snapshot into a temp file."""
+        bs = self.cache.block_size
+        tmp = os.path.join(self.tmp_dir, uuid.uuid4().hex)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, length)  # sparse zeros: holes need no writes
+            pos = start
+            while pos < start + length:
+                block, within = divmod(pos, bs)
+                n = min(bs - within, start + length - pos)
+                if block in entry.present:
+                    with open(entry.block_path(block), "rb") as src:
+                        src.seek(within)
+                        os.pwrite(fd, src.read(n), pos - start)
+                elif snap.base is not None and pos < snap.fetch_limit:
+                    remote_n = min(n, snap.fetch_limit - pos)
+                    with os.fdopen(os.dup(fd), "r+b") as out:
+                        out.seek(pos - start)
+                        try:
+                            await self.backend.download(snap.key, out, pos, remote_n, if_match=snap.base.etag)
+                        except (NotFound, PreconditionFailed):
+                            log.error("%s: bytes %d-%d of the previous version are gone from the server; "
+                                      "they are zeros in the upload", snap.key, pos, pos + remote_n)
+                            out.seek(pos - start)
+                            out.write(bytes(remote_n))
+                pos += n
+            os.ftruncate(fd, length)  # a retried download truncates at its start
+            return tmp
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        finally:
+            os.close(fd)

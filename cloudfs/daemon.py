@@ -1,0 +1,323 @@
+"""Running a mount: checks, daemonizing, the trio main loop, and clean shutdown.
+
+Order matters (verified on systemd automounts): fork before trio starts; the child calls
+pyfuse3.init() first and only then setsid(), and tells the parent over a pipe once the
+main loop runs.  Readiness is never checked by walking the mount path: autofs only lets
+systemd's own process group through while an automount is pending.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from cloudfs.backends import Backend, open_backend
+from cloudfs.backends.errors import BackendError, ConfigError
+from cloudfs.cache.block_cache import BlockCache, CacheLocked
+from cloudfs.cache.uploader import Uploader
+
+from . import notify
+from .fs import CloudFS, FsOptions
+from .options import MountOptions, default_cache_dir, parse, split_options
+
+log = logging.getLogger("cloudfs")
+
+
+class MountError(Exception):
+    """A one-line error for the user, with the exit code to use."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class MountPlan:
+    url: str
+    mountpoint: str
+    opts: MountOptions
+    backend: Backend
+    cache_dir: str
+
+
+def run_dir() -> str:
+    base = "/run/cloudfs" if os.getuid() == 0 else os.path.join(
+        os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/cloudfs-{os.getuid()}", "cloudfs")
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    return base
+
+
+def canonical(path: str) -> str:
+    """Resolve symlinks in the parent only: stat()ing a FUSE mountpoint from the daemon
+    itself before its loop runs would deadlock."""
+    path = os.path.abspath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
+def pid_file(mountpoint: str) -> str:
+    digest = hashlib.sha256(canonical(mountpoint).encode()).hexdigest()[:16]
+    return os.path.join(run_dir(), f"{digest}.pid")
+
+
+def _top_mount(mountpoint: str) -> tuple[str, str] | None:
+    """(major:minor, fstype) of the topmost mount on ``mountpoint``, from mountinfo."""
+    target = canonical(mountpoint)
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if _unescape(fields[4]) == target:
+                found = (fields[2], fields[fields.index("-") + 1])
+    return found
+
+
+def is_mounted(mountpoint: str) -> bool:
+    """Something other than an autofs trigger (systemd automount) is mounted there."""
+    top = _top_mount(mountpoint)
+    return top is not None and top[1] != "autofs"
+
+
+def _unescape(path: str) -> str:
+    return path.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def prepare(url: str, mountpoint: str, option_text: list[str] | None) -> MountPlan:
+    """Everything that can fail before forking: URL, options, mountpoint, FUSE."""
+    raw = split_options(option_text)
+    from urllib.parse import urlsplit
+
+    from cloudfs.backends import backend_class
+
+    try:
+        cls = backend_class(urlsplit(url).scheme)
+        opts = parse(raw, cls.options)
+        backend = open_backend(url, opts.backend)
+    except ConfigError as exc:
+        raise MountError(str(exc), 2) from None
+    except BackendError as exc:
+        raise MountError(str(exc), 1) from None
+    mountpoint = canonical(mountpoint)
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"mountpoint {mountpoint} does not exist or is not a directory", 2)
+    if is_mounted(mountpoint):
+        raise MountError(f"mountpoint {mountpoint} is busy: something is already mounted there", 16)
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse is missing: load the fuse module (modprobe fuse) or install fuse3", 19)
+    if os.getuid() != 0 and not shutil.which("fusermount3"):
+        raise MountError("fusermount3 not found: install the fuse3 package", 19)
+    # systemd's CacheDirectory= sets $CACHE_DIRECTORY for the service.
+    cache_dir = opts.cache_dir or (os.path.join(os.environ["CACHE_DIRECTORY"], "blocks")
+                                   if os.environ.get("CACHE_DIRECTORY") else default_cache_dir(url))
+    return MountPlan(url, mountpoint, opts, backend, cache_dir)
+
+
+def setup_logging(opts: MountOptions, cache_dir: str, foreground: bool) -> None:
+    level = logging.DEBUG if opts.debug else logging.INFO
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    root = logging.getLogger()
+    root.handlers.clear()
+    if foreground:
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    else:
+        path = opts.log_file or os.path.join(cache_dir, "cloudfs.log")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        handler = logging.StreamHandler(os.fdopen(fd, "a", buffering=1))
+    handler.setFormatter(logging.Formatter(fmt))
+    root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("botocore", "boto3", "urllib3", "azure", "google", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def mount(plan: MountPlan, foreground: bool) -> int:
+    """Mount; in the background unless ``foreground``. Returns the exit code."""
+    os.makedirs(plan.cache_dir, mode=0o700, exist_ok=True)
+    if foreground:
+        setup_logging(plan.opts, plan.cache_dir, True)
+        return _serve(plan, ready_fd=None, detach=False)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_fd)
+        code = 1
+        try:
+            setup_logging(plan.opts, plan.cache_dir, False)
+            code = _serve(plan, ready_fd=write_fd, detach=True)
+        except BaseException as exc:  # report anything to the waiting parent
+            _report(write_fd, f"error: {exc}")
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        message = pipe.read().decode(errors="replace").strip()
+    if message == "ready":
+        return 0
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+    raise MountError(message.removeprefix("error: ") or "the mount process died before it was ready")
+
+
+def _report(fd: int | None, message: str) -> None:
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(fd, message.encode())
+        os.close(fd)
+
+
+def _serve(plan: MountPlan, ready_fd: int | None, detach: bool) -> int:
+    state = {"code": 0}
+
+    async def main() -> None:
+        opts = plan.opts
+        try:
+            await plan.backend.check()
+        except BackendError as exc:
+            raise MountError(f"{plan.backend.describe()}: {exc}", 1) from None
+        cache = BlockCache(plan.backend, plan.cache_dir, block_size=opts.block_size,
+                           max_bytes=opts.cache_size, max_dirty=opts.max_dirty or opts.cache_size // 2,
+                           min_free=opts.min_free, readahead_blocks=opts.readahead)
+        try:
+            recovered = cache.open()
+        except CacheLocked as exc:
+            raise MountError(str(exc), 16) from None
+        uploader = Uploader(cache, plan.backend, delay=opts.writeback_delay, parallel_files=opts.transfers)
+        fs = CloudFS(plan.backend, cache, uploader,
+                     FsOptions(uid=opts.uid, gid=opts.gid, read_only=opts.read_only,
+                               attr_timeout=opts.attr_timeout, sync_upload=opts.sync_upload))
+        fsname = plan.backend.describe().replace(",", "_")
+        fuse_opts = {f"fsname={fsname}", "subtype=cloudfs", "nosuid", "nodev", "default_permissions"}
+        if opts.read_only:
+            fuse_opts.add("ro")
+        if opts.allow_other:
+            fuse_opts.add("allow_other")
+        try:
+            pyfuse3.init(fs, plan.mountpoint, fuse_opts)
+        except RuntimeError as exc:
+            raise MountError(f"cannot mount on {plan.mountpoint}: {exc}", 32) from None
+        if detach:
+            os.setsid()
+            _detach_stdio()
+        _raise_readahead(plan.mountpoint)
+        try:
+            async with trio.open_nursery() as nursery:
+                fs.nursery = nursery
+                await nursery.start(uploader.run)
+                for entry in recovered:
+                    log.info("recovering pending upload of %s", entry.key)
+                    uploader.schedule(entry)
+                nursery.start_soon(_main_loop, nursery)
+                nursery.start_soon(_on_signals, fs, uploader, nursery)
+                await trio.sleep(0)
+                _write_pid(plan.mountpoint)
+                _report(ready_fd, "ready")
+                notify.sd_notify(f"READY=1\nSTATUS=Mounted {plan.backend.describe()} on {plan.mountpoint}")
+                log.info("mounted %s on %s", plan.backend.describe(), plan.mountpoint)
+        finally:
+            with trio.CancelScope(shield=True):
+                pyfuse3.close(unmount=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(pid_file(plan.mountpoint))
+        # Unmounted from outside (umount/fusermount) too: pending uploads still go up.
+        try:
+            await uploader.flush_all(progress=not detach)
+        except BackendError as exc:
+            log.error("%s; the data stays in %s and is uploaded on the next mount", exc, plan.cache_dir)
+            state["code"] = 1
+        cache.close()
+        plan.backend.close()
+
+    async def _main_loop(nursery: trio.Nursery) -> None:
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()  # unmounted: stop the uploader loop and signal task
+
+    try:
+        trio.run(main)
+    except MountError as exc:
+        _report(ready_fd, f"error: {exc}")
+        if ready_fd is None:
+            raise
+        return exc.code
+    return state["code"]
+
+
+async def _on_signals(fs: CloudFS, uploader: Uploader, nursery: trio.Nursery) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                continue
+            notify.sd_notify("STOPPING=1\nSTATUS=Uploading pending data before unmount")
+            log.info("signal %d: flushing pending uploads, then unmounting", signum)
+            with trio.move_on_after(3600) as scope:
+                try:
+                    await uploader.flush_all()
+                except BackendError as exc:
+                    log.error("%s; pending data stays in the cache for the next mount", exc)
+            if scope.cancelled_caught:
+                log.error("flush timed out; pending data stays in the cache for the next mount")
+            pyfuse3.terminate()
+            return
+
+
+def _write_pid(mountpoint: str) -> None:
+    with open(pid_file(mountpoint), "w") as f:
+        f.write(str(os.getpid()))
+
+
+def _detach_stdio() -> None:
+    """A daemon must not hold mount(8)'s stdout/stderr pipes open: readers would wait for it."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def _raise_readahead(mountpoint: str) -> None:
+    """1 MiB kernel read-ahead doubles sequential read speed (measured); root only."""
+    top = _top_mount(mountpoint)
+    if top is None:
+        return
+    with contextlib.suppress(OSError):
+        with open(f"/sys/class/bdi/{top[0]}/read_ahead_kb", "w") as f:
+            f.write("1024")
+
+
+def unmount(mountpoint: str, timeout: float = 3600.0) -> None:
+    """Ask the daemon to upload pending data and unmount; wait until it is gone."""
+    mountpoint = canonical(mountpoint)
+    if not is_mounted(mountpoint):
+        raise MountError(f"{mountpoint} is not mounted", 1)
+    try:
+        with open(pid_file(mountpoint)) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError):
+        pid = 0
+        tool = ["fusermount3", "-u"] if shutil.which("fusermount3") else ["umount"]
+        if subprocess.run([*tool, mountpoint], check=False).returncode:
+            raise MountError(f"could not unmount {mountpoint}", 1) from None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not is_mounted(mountpoint) and (not pid or not _alive(pid)):
+            return
+        time.sleep(0.1)
+    raise MountError(f"{mountpoint}: unmount did not finish in {timeout:.0f}s", 1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False

@@ -1,0 +1,128 @@
+"""Mount options (``-o a,b=c``): one documented table, used by ``--help`` and the docs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+import humanfriendly
+
+from cloudfs.backends.errors import ConfigError
+
+# name -> help. The same text appears in `cloudfs mount --help` and docs/options.md.
+OPTIONS: dict[str, str] = {
+    "ro": "mount read-only",
+    "allow_other": "let other users access the mount (needs user_allow_other for non-root)",
+    "uid": "owner of objects that carry no uid metadata (default: the mounting user)",
+    "gid": "group of objects that carry no gid metadata (default: the mounting user's group)",
+    "cache_dir": "block cache directory (default: /var/cache/cloudfs/<bucket-hash> as root, "
+                 "else $XDG_CACHE_HOME/cloudfs/<bucket-hash>)",
+    "cache_size": "hard limit of the block cache, e.g. 20G (default 10G)",
+    "min_free": "keep this much space free on the cache file system (default 1G)",
+    "max_dirty": "written-but-not-uploaded data before writers wait (default: half of cache_size)",
+    "block_size": "cache block and multipart part size (default 8M)",
+    "writeback_delay": "seconds after the last write before a file is uploaded, e.g. 5, 5s, 2m (default 5s)",
+    "sync_upload": "fsync() and close() return only after the upload finished",
+    "attr_timeout": "seconds metadata is cached by cloudfs and the kernel (default 5)",
+    "readahead": "blocks fetched ahead of a sequential reader (default 4)",
+    "transfers": "files uploaded in parallel (default 4)",
+    "connections": "concurrent requests to the backend (default 16)",
+    "log_file": "where the daemon logs (default: cloudfs.log in the cache directory)",
+    "debug": "verbose logging",
+}
+
+
+@dataclass
+class MountOptions:
+    read_only: bool = False
+    allow_other: bool = False
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
+    cache_dir: str | None = None
+    cache_size: int = 10 * 1024**3
+    min_free: int = 1024**3
+    max_dirty: int | None = None
+    block_size: int = 8 * 1024**2
+    writeback_delay: float = 5.0
+    sync_upload: bool = False
+    attr_timeout: float = 5.0
+    readahead: int = 4
+    transfers: int = 4
+    connections: int = 16
+    log_file: str | None = None
+    debug: bool = False
+    backend: dict[str, str] = field(default_factory=dict)  # options the backend takes
+
+
+def split_options(text: str | list[str] | None) -> dict[str, str]:
+    items: list[str] = []
+    for chunk in [text] if isinstance(text, str) else (text or []):
+        items += [p.strip() for p in chunk.split(",") if p.strip()]
+    out: dict[str, str] = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        out[name] = value
+    return out
+
+
+def _size(name: str, value: str) -> int:
+    try:
+        return humanfriendly.parse_size(value, binary=True)
+    except humanfriendly.InvalidSize:
+        raise ConfigError(f"-o {name}={value}: not a size (e.g. 20G, 512M)") from None
+
+
+def _seconds(name: str, value: str) -> float:
+    try:
+        return float(value) if value.replace(".", "", 1).isdigit() else humanfriendly.parse_timespan(value)
+    except humanfriendly.InvalidTimespan:
+        raise ConfigError(f"-o {name}={value}: not a duration (e.g. 5, 5s, 2m)") from None
+
+
+def _int(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"-o {name}={value}: not a number") from None
+
+
+def parse(options: dict[str, str], backend_options: frozenset[str]) -> MountOptions:
+    m = MountOptions()
+    for name, value in options.items():
+        if name in ("ro", "rw"):
+            m.read_only = name == "ro"
+        elif name == "allow_other":
+            m.allow_other = True
+        elif name in ("uid", "gid", "readahead", "transfers", "connections"):
+            setattr(m, name, _int(name, value))
+        elif name in ("cache_size", "min_free", "max_dirty", "block_size"):
+            setattr(m, name, _size(name, value))
+        elif name in ("writeback_delay", "attr_timeout"):
+            setattr(m, name, _seconds(name, value))
+        elif name in ("sync_upload", "debug"):
+            setattr(m, name, value.lower() not in ("0", "false", "no"))
+        elif name in ("cache_dir", "log_file"):
+            if not value:
+                raise ConfigError(f"-o {name} needs a path")
+            setattr(m, name, os.path.abspath(value))
+        elif name in backend_options:
+            m.backend[name] = value
+        else:
+            raise ConfigError(f"unknown mount option: {name} (see `cloudfs mount --help`)")
+    if m.block_size < 64 * 1024 or m.block_size > 1024**3:
+        raise ConfigError("-o block_size must be between 64K and 1G")
+    if m.cache_size < 4 * m.block_size:
+        raise ConfigError("-o cache_size must hold at least 4 blocks")
+    if m.max_dirty is None:
+        m.max_dirty = m.cache_size // 2
+    return m
+
+
+def default_cache_dir(url: str) -> str:
+    digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+    if os.getuid() == 0:
+        base = "/var/cache/cloudfs"
+    else:
+        base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cloudfs")
+    return os.path.join(base, digest)

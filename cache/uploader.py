@@ -54,6 +54,7 @@ class Uploader:
         self.file_slots = trio.CapacityLimiter(parallel_files)
         self.part_slots = trio.CapacityLimiter(parallel_parts)
         self.queue: dict[str, Entry] = {}  # entry id -> entry with pending changes
+        self.active: set[str] = set()  # entry ids with an upload task started
         self.retry_at: dict[str, float] = {}
         self.errors: dict[str, BackendError] = {}
         self.urgent = False
@@ -91,7 +92,7 @@ class Uploader:
                 urgent, self.urgent = self.urgent, False
                 next_due = now + 1.0
                 for entry in list(self.queue.values()):
-                    if entry.uploading:
+                    if entry.uploading or entry.id in self.active:
                         continue
                     if not entry.pending or entry.deleted:
                         self.queue.pop(entry.id, None)
@@ -100,6 +101,7 @@ class Uploader:
                     if urgent and entry.id not in self.retry_at:
                         due = now
                     if due <= now:
+                        self.active.add(entry.id)
                         nursery.start_soon(self._upload_task, entry)
                     else:
                         next_due = min(next_due, due)
@@ -112,6 +114,8 @@ class Uploader:
         except BackendError as exc:
             self.retry_at[entry.id] = time.monotonic() + min(60.0, 2.0 * (1 + len(self.errors)))
             log.error("upload of %s failed, will retry: %s", entry.key, exc)
+        finally:
+            self.active.discard(entry.id)
 
     # ------------------------------------------------------------------ waiting
     async def wait_idle(self, entry: Entry) -> None:
@@ -163,10 +167,11 @@ class Uploader:
 
     # ------------------------------------------------------------------ uploading
     async def upload(self, entry: Entry) -> None:
-        await self.wait_idle(entry)
-        if not entry.pending or entry.deleted:
-            return
         async with self.file_slots:
+            # Checked after the slot wait: another task may have uploaded it meanwhile.
+            await self.wait_idle(entry)
+            if not entry.pending or entry.deleted:
+                return
             entry.uploading = True
             entry.idle = trio.Event()
             entry.trunc_low = entry.size

@@ -217,6 +217,8 @@ class CloudFS(pyfuse3.Operations):
 
     async def _save_attrs(self, node: Node) -> None:
         """Persist mode/owner/mtime/xattrs in the object's metadata."""
+        if self.nodes.get(node.path) is not node or (node.entry is not None and node.entry.deleted):
+            return  # unlinked but still open: nothing left to store it in
         meta = layout.encode(node.attrs)
         if layout.metadata_size(meta) > self.backend.capabilities.max_metadata_bytes:
             raise _fail(errno.ENOSPC)
@@ -238,7 +240,7 @@ class CloudFS(pyfuse3.Operations):
                 self.cache._journal(node.entry)
 
     def _open_entry(self, node: Node) -> Entry:
-        if node.entry is None or node.entry.deleted:
+        if node.entry is None:
             remote = Remote(node.etag, node.attrs.size) if node.remote else None
             node.entry = self.cache.entry(node.path, remote, node.attrs.size)
             if not node.entry.pending:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.mounting import Mount
 from tests.servers import Target, selected_backends, server_class
 
 
@@ -48,6 +50,24 @@ def backend(target: Target) -> Iterator[Any]:
     b = open_backend(target.url, target.options)
     yield b
     b.close()
+
+
+@pytest.fixture
+def mnt(target: Target, tmp_path: Path) -> Iterator[Mount]:
+    """A real cloudfs mount of a fresh bucket (write-back delay 0.5 s, metadata TTL 1 s)."""
+    m = Mount(target, tmp_path / "mnt", tmp_path / "cache")
+    m.start()
+    yield m
+    m.cleanup()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # Last resort after crashes/interrupts: no cloudfs mount made by this session survives it.
+    base = str(session.config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
+    with open("/proc/self/mountinfo") as f:
+        stale = [line.split()[4] for line in f if line.split()[4].startswith(base)]
+    for path in reversed(stale):
+        subprocess.run(["fusermount3", "-uz", path], capture_output=True)
 
 
 @pytest.fixture

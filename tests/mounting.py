@@ -1,0 +1,92 @@
+"""Real mounts for tests: `cloudfs mount` exactly as a user runs it, always cleaned up."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.servers import Target
+
+CLOUDFS = str(Path(sys.executable).with_name("cloudfs"))
+
+
+def mounted(path: Path) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(path) for line in f)
+
+
+class Mount:
+    """A cloudfs daemon serving ``target`` on ``path``."""
+
+    def __init__(self, target: Target, path: Path, cache_dir: Path, options: dict[str, str] | None = None
+                 ) -> None:
+        self.target = target
+        self.path = path
+        self.cache_dir = cache_dir
+        self.options = {"cache_dir": str(cache_dir), "writeback_delay": "0.5", "attr_timeout": "1",
+                        "cache_size": "512M", "block_size": "8M", **(options or {}), **target.options}
+        self.env = {**os.environ, **target.env}
+
+    def option_text(self) -> str:
+        return ",".join(f"{k}={v}" if v else k for k, v in self.options.items())
+
+    def start(self, timeout: float = 60) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run([CLOUDFS, "mount", self.target.url, str(self.path), "-o", self.option_text()],
+                              env=self.env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode:
+            raise RuntimeError(f"cloudfs mount failed ({proc.returncode}): {proc.stderr.strip()}\n{self.log()}")
+        assert mounted(self.path), "cloudfs mount returned 0 but nothing is mounted"
+
+    def pid(self) -> int | None:
+        from cloudfs.daemon import pid_file
+
+        try:
+            return int(Path(pid_file(str(self.path))).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def log(self) -> str:
+        try:
+            return (self.cache_dir / "cloudfs.log").read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 120) -> None:
+        """`cloudfs umount`: uploads pending data, then unmounts."""
+        if not mounted(self.path):
+            return
+        proc = subprocess.run([CLOUDFS, "umount", str(self.path)], env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+        if proc.returncode:
+            raise RuntimeError(f"cloudfs umount failed: {proc.stderr.strip()}\n{self.log()}")
+
+    def kill(self) -> None:
+        """SIGKILL the daemon (a crash), then clear the dead mount."""
+        pid = self.pid()
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while mounted(self.path) and time.monotonic() < deadline:
+            subprocess.run(["fusermount3", "-uz", str(self.path)], capture_output=True)
+            time.sleep(0.1)
+
+    def cleanup(self) -> None:
+        """Best effort, for fixture teardown after failures: never leave a mount behind."""
+        try:
+            self.stop(timeout=60)
+        except Exception:
+            self.kill()
+        if mounted(self.path):
+            subprocess.run(["fusermount3", "-uz", str(self.path)], capture_output=True)
+            subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
+
+    def remount(self) -> None:
+        self.stop()
+        self.start()

@@ -69,6 +69,9 @@ def test_service_unit_contract():
     s = u["Service"]
     assert s["Type"] == "notify" and s["NotifyAccess"] == "main"
     assert s["ExecStart"] == "/usr/local/bin/cloudfs mount --profile %i --foreground"
+    # ExecStop flushes pending uploads and unmounts (waiting for the mount process to exit);
+    # "-": after an unmount from outside there is nothing to stop, which is not a failure
+    assert s["ExecStop"] == "-/usr/local/bin/cloudfs umount --profile %i"
     assert s["TimeoutStopSec"] == "15min"
     assert s["Restart"] == "on-failure"
     assert "network-online.target" in u["Unit"]["After"] and "network-online.target" in u["Unit"]["Wants"]
@@ -79,6 +82,15 @@ def test_service_unit_contract():
         assert f"\n{key}=" not in text, key
     assert "CAP_SYS_ADMIN" in s["CapabilityBoundingSet"]
     assert s["DeviceAllow"] == "/dev/fuse rw"
+
+
+def test_user_unit_contract():
+    s = unit_file(UNITS_SRC / "user" / "cloudfs@.service")["Service"]
+    assert s["Type"] == "notify" and s["NotifyAccess"] == "main"
+    assert s["ExecStart"] == "/usr/local/bin/cloudfs mount --profile %E/cloudfs/%i.conf --foreground"
+    assert s["ExecStop"] == "-/usr/local/bin/cloudfs umount --profile %E/cloudfs/%i.conf"
+    assert s["TimeoutStopSec"] == "15min"
+    assert "NoNewPrivileges" not in s  # fusermount3 is setuid
 
 
 # --- fstab generator ---------------------------------------------------------------------------

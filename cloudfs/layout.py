@@ -21,16 +21,26 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+import re
 import stat
 from dataclasses import dataclass, field
-from datetime import datetime
-from decimal import Decimal, InvalidOperation
+from datetime import UTC, datetime
 from urllib.parse import quote, unquote
 
 DEFAULT_FILE_MODE = 0o644
 DEFAULT_DIR_MODE = 0o755
 _VALID_TYPES = {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR,
                 stat.S_IFBLK}
+_NS = 1_000_000_000
+_MAX_NS = 2**63 - 1  # st_mtime_ns is a signed 64-bit count of nanoseconds
+_MAX_ID = 2**32 - 1  # uid_t/gid_t are 32-bit unsigned
+# ASCII digits only (str.isdigit() and int() also take e.g. '²' or Arabic-Indic digits).
+_MODE_RE = re.compile(r"[0-9]{1,7}")
+_EPOCH_RE = re.compile(r"([+-]?)([0-9]{1,12})(?:\.([0-9]*))?")
+_MILLIS_RE = re.compile(r"[+-]?[0-9]{1,15}")
+_ID_RE = re.compile(r"[0-9]{1,10}")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass
@@ -53,100 +63,166 @@ class Attrs:
         return stat.S_ISLNK(self.mode)
 
 
-def parse_mode(text: str) -> int | None:
-    """s3fs writes decimal, rclone octal text. Decimal only if <= 65535 with valid type bits."""
+def parse_mode(text: str, *, is_dir: bool = False) -> int | None:
+    """s3fs writes decimal, rclone octal text.
+
+    A value is decimal only if it is at most 65535 and its file-type bits are valid;
+    otherwise it is read as octal (and must then fit in 16 bits with valid or no type bits).
+    For a directory, "valid" means S_IFDIR when the octal reading is a directory: rclone's
+    octal ``42755`` (setgid dir) is also decimal 42755, which has S_IFLNK bits.
+    """
     text = text.strip()
-    if not text.isdigit():
+    if not _MODE_RE.fullmatch(text):
         return None
     value = int(text)
     if value <= 0xFFFF and stat.S_IFMT(value) in _VALID_TYPES:
-        return value
-    try:
-        value = int(text, 8)
-    except ValueError:
+        if not (is_dir and stat.S_IFMT(value) != stat.S_IFDIR and "8" not in text and "9" not in text
+                and stat.S_IFMT(int(text, 8)) == stat.S_IFDIR):
+            return value
+    if "8" in text or "9" in text:
         return None
+    value = int(text, 8)
     if value <= 0xFFFF and stat.S_IFMT(value) in _VALID_TYPES | {0}:
         return value
     return None
 
 
 def parse_epoch(text: str) -> int | None:
-    """Epoch seconds, possibly fractional, to nanoseconds ('.5' is half a second, not 5 ns)."""
-    try:
-        value = Decimal(text.strip())
-    except InvalidOperation:
+    """Epoch seconds, possibly fractional, to nanoseconds ('.5' is half a second, not 5 ns).
+
+    The fraction is padded to 9 digits (digits beyond nanoseconds are dropped).  A negative
+    value follows s3fs's ``%ld.%09ld`` of a normalized timespec: ``-1.500000000`` is
+    tv_sec=-1 plus tv_nsec=500000000, i.e. half a second before the epoch.
+    """
+    m = _EPOCH_RE.fullmatch(text.strip())
+    if m is None:
         return None
-    if not value.is_finite() or value < 0:
-        return None
-    return int(value * 1_000_000_000)
+    sign, seconds, frac = m.groups()
+    ns = int(seconds) * _NS
+    if sign == "-":
+        ns = -ns
+    ns += int(((frac or "") + "000000000")[:9])
+    return ns if -_MAX_NS <= ns <= _MAX_NS else None
 
 
 def format_epoch(ns: int) -> str:
-    return f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"
+    """s3fs's ``%ld.%09ld`` of a normalized timespec (floor seconds, fraction in [0, 1e9))."""
+    return f"{ns // _NS}.{ns % _NS:09d}"
 
 
 def _parse_rfc3339(text: str) -> int | None:
+    """RFC 3339 (gcsfuse, rclone on GCS/Azure: ``2006-01-02T15:04:05.999999999Z``) to ns.
+
+    Nanoseconds are kept (datetime stops at microseconds); a value without an offset is UTC.
+    """
+    text = text.strip()
+    if not text.isascii() or "T" not in text.upper():
+        return None
     try:
-        dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
         return None
-    frac = text.rsplit(".", 1)[1].rstrip("Z").split("+")[0].split("-")[0] if "." in text else ""
-    seconds = int(dt.timestamp())
-    return seconds * 1_000_000_000 + int((frac + "000000000")[:9]) if frac.isdigit() else seconds * 10**9
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    try:
+        delta = dt.replace(microsecond=0) - _EPOCH
+    except OverflowError:
+        return None
+    frac = ""
+    if m := re.search(r"[0-9]{2}:?[0-9]{2}[.,]([0-9]+)", text):
+        frac = m.group(1)
+    ns = (delta.days * 86400 + delta.seconds) * _NS + int((frac + "000000000")[:9])
+    return ns if -_MAX_NS <= ns <= _MAX_NS else None
+
+
+def _parse_millis(text: str) -> int | None:
+    m = _MILLIS_RE.fullmatch(text.strip())
+    if m is None:
+        return None
+    ns = int(m.group(0)) * 1_000_000
+    return ns if -_MAX_NS <= ns <= _MAX_NS else None
+
+
+def _parse_epoch_or_rfc3339(text: str) -> int | None:
+    ns = parse_epoch(text)
+    return _parse_rfc3339(text) if ns is None else ns
+
+
+# Where the mtime comes from, first usable one wins (see docs/layout.md):
+# s3fs / rclone on S3 / Swift tools write epoch seconds in ``mtime``, rclone on GCS and Azure
+# RFC 3339 in the same key; then gcsfuse, gsutil, B2 tools.
+_MTIME_SOURCES = (
+    ("mtime", _parse_epoch_or_rfc3339),
+    ("gcsfuse_mtime", _parse_rfc3339),
+    ("goog-reserved-file-mtime", parse_epoch),
+    ("src_last_modified_millis", _parse_millis),
+)
 
 
 def _mtime_from(meta: dict[str, str]) -> int | None:
-    for key in ("mtime", "x-amz-meta-mtime"):
-        if key in meta and (ns := parse_epoch(meta[key])) is not None:
+    for key, parse in _MTIME_SOURCES:
+        if key in meta and (ns := parse(meta[key])) is not None:
             return ns
-    if "gcsfuse_mtime" in meta and (ns := _parse_rfc3339(meta["gcsfuse_mtime"])) is not None:
-        return ns
-    if "goog-reserved-file-mtime" in meta and (ns := parse_epoch(meta["goog-reserved-file-mtime"])):
-        return ns
-    if "src_last_modified_millis" in meta:
-        try:
-            return int(meta["src_last_modified_millis"]) * 1_000_000
-        except ValueError:
-            return None
     return None
 
 
+def _float_to_ns(seconds: float) -> int:
+    """Float epoch seconds to ns without float error in the product (.25 s is 250000000 ns)."""
+    whole = math.floor(seconds)
+    return whole * _NS + round((seconds - whole) * _NS)
+
+
 def _int(meta: dict[str, str], *keys: str) -> int | None:
+    """The first key holding a valid uid/gid (decimal, 0 .. 2**32-1)."""
     for key in keys:
-        try:
-            return int(meta[key])
-        except (KeyError, ValueError):
-            continue
+        text = meta.get(key, "").strip()
+        if _ID_RE.fullmatch(text) and int(text) <= _MAX_ID:
+            return int(text)
     return None
 
 
 def decode_xattrs(text: str) -> dict[bytes, bytes]:
+    """s3fs's ``xattr``: URL-encoded ``{"name":"base64(value)",...}``; {} if unreadable.
+
+    Names are bytes that need not be UTF-8 (s3fs copies them raw): undecodable bytes survive
+    as surrogate escapes.
+    """
     try:
-        raw = json.loads(unquote(text))
-        return {k.encode(): base64.b64decode(v) for k, v in raw.items()}
-    except (ValueError, TypeError, AttributeError):
+        raw = json.loads(unquote(text, errors="surrogateescape"))
+        if not isinstance(raw, dict):
+            return {}
+        return {k.encode("utf-8", "surrogateescape"): base64.b64decode(v) for k, v in raw.items()}
+    except (ValueError, TypeError, AttributeError, RecursionError):
         return {}
 
 
 def encode_xattrs(xattrs: dict[bytes, bytes]) -> str:
-    raw = {k.decode(): base64.b64encode(v).decode() for k, v in sorted(xattrs.items())}
-    return quote(json.dumps(raw, separators=(",", ":")), safe="")
+    """The inverse of decode_xattrs, in s3fs's form.
+
+    Names go into the JSON as raw UTF-8, not ``\\uXXXX`` escapes: s3fs does not unescape
+    JSON, so an escaped name would reach it as a different name.
+    """
+    raw = {k.decode("utf-8", "surrogateescape"): base64.b64encode(v).decode()
+           for k, v in sorted(xattrs.items())}
+    return quote(json.dumps(raw, separators=(",", ":"), ensure_ascii=False), safe="",
+                 errors="surrogateescape")
 
 
 def decode(meta: dict[str, str] | None, *, is_dir: bool, size: int, server_mtime: float | None,
            default_uid: int, default_gid: int) -> Attrs:
     """POSIX attributes for an object (or a directory marker / implicit directory)."""
-    meta = {k.lower(): v for k, v in (meta or {}).items()}
-    mode = parse_mode(meta["mode"]) if "mode" in meta else None
+    meta = {str(k).lower(): v for k, v in (meta or {}).items() if isinstance(v, str)}
+    is_dir = is_dir or meta.get("hdi_isfolder", "").strip().lower() == "true"
+    mode = parse_mode(meta["mode"], is_dir=is_dir) if "mode" in meta else None
     if mode is None and "goog-reserved-posix-mode" in meta:
-        mode = parse_mode(meta["goog-reserved-posix-mode"])
+        mode = parse_mode(meta["goog-reserved-posix-mode"], is_dir=is_dir)
     perms = stat.S_IMODE(mode) if mode is not None else None
     ftype = stat.S_IFMT(mode) if mode else 0
-    if is_dir or meta.get("hdi_isfolder", "").lower() == "true":
+    if is_dir:
         ftype = stat.S_IFDIR
         perms = DEFAULT_DIR_MODE if perms is None else perms
     else:
-        if meta.get("is_symlink", "").lower() == "true":
+        if meta.get("is_symlink", "").strip().lower() == "true":
             ftype = stat.S_IFLNK
         if ftype not in (stat.S_IFREG, stat.S_IFLNK):
             ftype = stat.S_IFREG  # devices/fifos cannot be served from an object: show a file
@@ -154,7 +230,7 @@ def decode(meta: dict[str, str] | None, *, is_dir: bool, size: int, server_mtime
             perms = 0o777 if ftype == stat.S_IFLNK else DEFAULT_FILE_MODE
     mtime = _mtime_from(meta)
     if mtime is None:
-        mtime = int((server_mtime or 0) * 1_000_000_000)
+        mtime = _float_to_ns(server_mtime or 0.0)
     uid = _int(meta, "uid", "goog-reserved-posix-uid")
     gid = _int(meta, "gid", "goog-reserved-posix-gid")
     return Attrs(

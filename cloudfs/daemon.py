@@ -23,6 +23,7 @@ import pyfuse3
 import trio
 
 from cloudfs.backends import Backend, open_backend
+from cloudfs.backends.base import RetryPolicy
 from cloudfs.backends.errors import BackendError, ConfigError
 from cloudfs.cache.block_cache import BlockCache, CacheLocked
 from cloudfs.cache.uploader import Uploader
@@ -107,6 +108,8 @@ def prepare(url: str, mountpoint: str, option_text: list[str] | None) -> MountPl
         raise MountError(str(exc), 2) from None
     except BackendError as exc:
         raise MountError(str(exc), 1) from None
+    backend.retry = RetryPolicy(attempts=opts.retries, call_timeout=opts.timeout)
+    backend.limiter.total_tokens = opts.connections
     mountpoint = canonical(mountpoint)
     if not os.path.isdir(mountpoint):
         raise MountError(f"mountpoint {mountpoint} does not exist or is not a directory", 2)
@@ -155,7 +158,7 @@ def mount(plan: MountPlan, foreground: bool) -> int:
             setup_logging(plan.opts, plan.cache_dir, False)
             code = _serve(plan, ready_fd=write_fd, detach=True)
         except BaseException as exc:  # report anything to the waiting parent
-            _report(write_fd, f"error: {exc}")
+            _report(write_fd, f"error:1:{exc}")
         finally:
             os._exit(code)
     os.close(write_fd)
@@ -165,7 +168,8 @@ def mount(plan: MountPlan, foreground: bool) -> int:
         return 0
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
-    raise MountError(message.removeprefix("error: ") or "the mount process died before it was ready")
+    _, code, text = message.split(":", 2) if message.startswith("error:") else ("", "1", "")
+    raise MountError(text or "the mount process died before it was ready", int(code))
 
 
 def _report(fd: int | None, message: str) -> None:
@@ -245,7 +249,7 @@ def _serve(plan: MountPlan, ready_fd: int | None, detach: bool) -> int:
     try:
         trio.run(main)
     except MountError as exc:
-        _report(ready_fd, f"error: {exc}")
+        _report(ready_fd, f"error:{exc.code}:{exc}")
         if ready_fd is None:
             raise
         return exc.code

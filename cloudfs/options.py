@@ -28,6 +28,8 @@ OPTIONS: dict[str, str] = {
     "readahead": "blocks fetched ahead of a sequential reader (default 4)",
     "transfers": "files uploaded in parallel (default 4)",
     "connections": "concurrent requests to the backend (default 16)",
+    "retries": "attempts for a failing request before the call fails with EIO (default 6)",
+    "timeout": "seconds one request may take before it counts as failed (default 120)",
     "log_file": "where the daemon logs (default: cloudfs.log in the cache directory)",
     "debug": "verbose logging",
 }
@@ -50,6 +52,8 @@ class MountOptions:
     readahead: int = 4
     transfers: int = 4
     connections: int = 16
+    retries: int = 6
+    timeout: float = 120.0
     log_file: str | None = None
     debug: bool = False
     backend: dict[str, str] = field(default_factory=dict)  # options the backend takes
@@ -94,11 +98,11 @@ def parse(options: dict[str, str], backend_options: frozenset[str]) -> MountOpti
             m.read_only = name == "ro"
         elif name == "allow_other":
             m.allow_other = True
-        elif name in ("uid", "gid", "readahead", "transfers", "connections"):
+        elif name in ("uid", "gid", "readahead", "transfers", "connections", "retries"):
             setattr(m, name, _int(name, value))
         elif name in ("cache_size", "min_free", "max_dirty", "block_size"):
             setattr(m, name, _size(name, value))
-        elif name in ("writeback_delay", "attr_timeout"):
+        elif name in ("writeback_delay", "attr_timeout", "timeout"):
             setattr(m, name, _seconds(name, value))
         elif name in ("sync_upload", "debug"):
             setattr(m, name, value.lower() not in ("0", "false", "no"))
@@ -114,6 +118,8 @@ def parse(options: dict[str, str], backend_options: frozenset[str]) -> MountOpti
         raise ConfigError("-o block_size must be between 64K and 1G")
     if m.cache_size < 4 * m.block_size:
         raise ConfigError("-o cache_size must hold at least 4 blocks")
+    if m.retries < 1:
+        raise ConfigError("-o retries must be at least 1")
     if m.max_dirty is None:
         m.max_dirty = m.cache_size // 2
     return m
@@ -126,3 +132,18 @@ def default_cache_dir(url: str) -> str:
     else:
         base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cloudfs")
     return os.path.join(base, digest)
+
+
+def markdown_table() -> str:
+    """docs/options.md is generated from OPTIONS, so the docs and --help never disagree."""
+    rows = [f"| `{name}` | {text} |" for name, text in OPTIONS.items()]
+    return "\n".join(["# Mount options", "", "Generated from `cloudfs/options.py` "
+                      "(`python -m cloudfs.options > docs/options.md`); "
+                      "`cloudfs mount --help` shows the same.",
+                      "", "| option | meaning |", "|---|---|", *rows, "",
+                      "Backend options: `endpoint`, `region`, `path_style`, `profile` (s3); `endpoint` (az); "
+                      "`endpoint`, `project`, `anonymous` (gs).", ""])
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")

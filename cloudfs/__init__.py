@@ -1,0 +1,3 @@
+"""cloudfs: mount cloud object storage as a directory (FUSE layer, CLI, config)."""
+
+__version__ = "0.1.0"

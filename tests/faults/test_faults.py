@@ -1,0 +1,290 @@
+"""Fault injection through real mounts: crashes, dead servers, full disks, bad input.
+
+Every fault ends in a clear error and loses nothing that was promised.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.mounting import CLOUDFS, Mount, mounted
+from tests.servers import Target
+from tests.servers.flaky_proxy import FlakyProxy
+from tests.servers.s3 import CREDENTIALS, boto3_client, start_moto
+
+MiB = 1024 * 1024
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60
+        ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CLOUDFS, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def moto(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A private moto server this test may stop: the shared one must stay up."""
+    proc, port = start_moto(tmp_path, "moto-fault")
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3_client(endpoint).create_bucket(Bucket="faults")
+    env = {**CREDENTIALS, "AWS_ENDPOINT_URL_S3": endpoint}
+    yield proc, Target("s3", "s3://faults", env=env, sdk=boto3_client(endpoint))
+    proc.stop()
+
+
+# ---------------------------------------------------------------------- crash safety
+@pytest.mark.backends("local", "s3")
+def test_sigkill_after_fsync_recovers_on_remount(target: Target, tmp_path: Path) -> None:
+    m = Mount(target, tmp_path / "mnt", tmp_path / "cache", {"writeback_delay": "1h"})
+    m.start()
+    try:
+        data = os.urandom(3 * MiB + 5)
+        with open(m.path / "precious", "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        with open(m.path / "dir-less", "wb") as f:
+            f.write(b"small")
+            os.fsync(f.fileno())
+        m.kill()  # SIGKILL: nothing was uploaded (write-back delay of an hour)
+        assert not mounted(m.path)
+        m.start()  # same cache dir: the journal is replayed
+        assert (m.path / "precious").read_bytes() == data
+        m.stop()  # unmount waits for the recovered upload
+        if target.backend == "s3":
+            got = target.sdk.get_object(Bucket=target.url[5:], Key="precious")["Body"].read()
+        else:
+            got = (target.extra["root"] / "precious").read_bytes()
+        assert got == data
+    finally:
+        m.cleanup()
+
+
+def test_unmount_uploads_everything_first(local_target: Target, tmp_path: Path) -> None:
+    m = Mount(local_target, tmp_path / "mnt", tmp_path / "cache", {"writeback_delay": "1h"})
+    m.start()
+    try:
+        for i in range(20):
+            (m.path / f"f{i}").write_bytes(bytes([i]) * (100_000 + i))
+        m.stop()  # returns only when uploads are done and the mount is gone
+        root = local_target.extra["root"]
+        for i in range(20):
+            assert (root / f"f{i}").read_bytes() == bytes([i]) * (100_000 + i)
+    finally:
+        m.cleanup()
+
+
+def test_sigterm_flushes_and_exits(local_target: Target, tmp_path: Path) -> None:
+    m = Mount(local_target, tmp_path / "mnt", tmp_path / "cache", {"writeback_delay": "1h"})
+    m.start()
+    try:
+        (m.path / "t").write_bytes(b"terminated")
+        pid = m.pid()
+        assert pid
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while mounted(m.path) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not mounted(m.path)
+        assert (local_target.extra["root"] / "t").read_bytes() == b"terminated"
+    finally:
+        m.cleanup()
+
+
+# ---------------------------------------------------------------------- server faults
+def test_dead_server_gives_eio_not_hang(moto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    proc, target = moto
+    target.sdk.put_object(Bucket="faults", Key="remote.bin", Body=os.urandom(MiB))
+    m = Mount(target, tmp_path / "mnt", tmp_path / "cache", {"retries": "2", "timeout": "10"})
+    m.start()
+    try:
+        assert (m.path / "remote.bin").stat().st_size == MiB
+        f = open(m.path / "open-while-offline", "wb")
+        proc.stop()  # the store goes away
+        start = time.monotonic()
+        with pytest.raises(OSError) as exc:
+            (m.path / "remote.bin").read_bytes()
+        assert exc.value.errno == errno.EIO
+        assert time.monotonic() - start < 30
+        # Writes to an open file still land in the cache; the upload waits for the store.
+        f.write(b"kept")
+        f.close()
+        with open(m.path / "open-while-offline", "rb") as g:
+            assert g.read() == b"kept"
+    finally:
+        m.kill()
+    # The pending upload survives in the cache directory (journal + block) for the next mount.
+    from cloudfs.cache.block_cache import BlockCache
+
+    cache = BlockCache(None, str(tmp_path / "cache"), block_size=8 * MiB,  # type: ignore[arg-type]
+                       max_bytes=512 * MiB, max_dirty=256 * MiB)
+    try:
+        pending = {e.key: e for e in cache.open()}
+        entry = pending["open-while-offline"]
+        assert entry.size == 4
+        assert Path(entry.block_path(0)).read_bytes() == b"kept"
+    finally:
+        cache.close()
+
+
+def test_server_errors_are_retried(moto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A store that throttles every third request (503 SlowDown) still gets every file."""
+    _proc, target = moto
+    upstream = int(target.env["AWS_ENDPOINT_URL_S3"].rsplit(":", 1)[1])
+    with FlakyProxy(upstream, fail_every=3) as proxy:
+        flaky = Target("s3", target.url, env={**target.env,
+                                              "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.port}"})
+        m = Mount(flaky, tmp_path / "mnt", tmp_path / "cache")
+        m.start()
+        try:
+            for i in range(5):
+                (m.path / f"r{i}").write_bytes(b"x" * 1000 * (i + 1))
+            m.stop()
+        finally:
+            m.cleanup()
+        assert proxy.failed > 0
+    for i in range(5):
+        body = target.sdk.get_object(Bucket="faults", Key=f"r{i}")["Body"].read()
+        assert body == b"x" * 1000 * (i + 1)
+
+
+# ---------------------------------------------------------------------- cache faults
+def test_small_cache_disk_applies_back_pressure(local_target: Target, tmp_path: Path) -> None:
+    """A file three times the cache size is written without ENOSPC: writers wait for uploads."""
+    cache = tmp_path / "smallfs"
+    cache.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(cache)], check=True)
+    m = Mount(local_target, tmp_path / "mnt", cache / "c",
+              {"cache_size": "32M", "block_size": "1M", "min_free": "4M", "max_dirty": "16M"})
+    try:
+        m.start()
+        data = os.urandom(MiB)
+        with open(m.path / "big", "wb") as f:
+            for _ in range(96):
+                f.write(data)
+        m.stop()
+        stored = (local_target.extra["root"] / "big").read_bytes()
+        assert len(stored) == 96 * MiB and stored[:MiB] == data and stored[-MiB:] == data
+    finally:
+        m.cleanup()
+        subprocess.run(["umount", "-l", str(cache)], check=False)
+
+
+def test_cache_files_are_private(local_target: Target, tmp_path: Path) -> None:
+    m = Mount(local_target, tmp_path / "mnt", tmp_path / "cache", {"writeback_delay": "1h"})
+    m.start()
+    try:
+        (m.path / "secret").write_bytes(b"s" * 10)
+        os.fsync(os.open(m.path / "secret", os.O_RDONLY))
+        assert stat.S_IMODE(os.stat(tmp_path / "cache").st_mode) == 0o700
+        for dirpath, dirs, files in os.walk(tmp_path / "cache"):
+            for d in dirs:
+                assert stat.S_IMODE(os.stat(os.path.join(dirpath, d)).st_mode) == 0o700, d
+            for f in files:
+                assert stat.S_IMODE(os.stat(os.path.join(dirpath, f)).st_mode) == 0o600, f
+    finally:
+        m.cleanup()
+
+
+def test_two_mounts_cannot_share_a_cache_dir(local_target: Target, tmp_path: Path) -> None:
+    m = Mount(local_target, tmp_path / "mnt", tmp_path / "cache")
+    m.start()
+    try:
+        (tmp_path / "mnt2").mkdir()
+        r = cli("mount", local_target.url, str(tmp_path / "mnt2"), "-o", f"cache_dir={tmp_path / 'cache'}")
+        assert r.returncode == 16
+        assert "in use by another cloudfs mount" in r.stderr
+        assert not mounted(tmp_path / "mnt2")
+    finally:
+        m.cleanup()
+
+
+# ---------------------------------------------------------------------- bad input
+def test_cli_errors(tmp_path: Path, moto) -> None:  # type: ignore[no-untyped-def]
+    _proc, target = moto
+    (tmp_path / "mnt").mkdir()
+    mnt = str(tmp_path / "mnt")
+    cases = [
+        (["mount", "ftp://x/y", mnt], 2, "unknown URL scheme"),
+        (["mount", "b2://bucket", mnt], 2, "reserved"),
+        (["mount", f"file://{tmp_path}/nope", mnt], 1, "does not exist"),
+        (["mount", f"file://{tmp_path}", str(tmp_path / "missing")], 2, "does not exist"),
+        (["mount", f"file://{tmp_path}", mnt, "-o", "bogus=1"], 2, "unknown mount option"),
+        (["mount", f"file://{tmp_path}", mnt, "-o", "cache_size=lots"], 2, "not a size"),
+        (["mount", "s3://user:pw@bucket", mnt], 2, "credentials do not belong in the URL"),
+    ]
+    for args, code, text in cases:
+        r = cli(*args, "-o", f"cache_dir={tmp_path / 'c'}") if "-o" not in args else cli(*args)
+        assert r.returncode == code, (args, r.stderr)
+        assert text in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # one line, no traceback
+    # a missing bucket on a live store
+    r = cli("mount", "s3://no-such-bucket", mnt, "-o", f"cache_dir={tmp_path / 'c2'}", env=target.env)
+    assert r.returncode == 1 and "no-such-bucket" in r.stderr, r.stderr
+    # no credentials at all: a clear message, and no secret in it
+    env = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+           "AWS_CONFIG_FILE": "/dev/null", "AWS_ENDPOINT_URL_S3": target.env["AWS_ENDPOINT_URL_S3"]}
+    r = cli("mount", "s3://faults", mnt, "-o", f"cache_dir={tmp_path / 'c3'}", env=env)
+    assert r.returncode == 1 and "credential" in r.stderr.lower(), r.stderr
+    assert not mounted(tmp_path / "mnt")
+
+
+def test_mountpoint_busy(local_target: Target, tmp_path: Path) -> None:
+    m = Mount(local_target, tmp_path / "mnt", tmp_path / "cache")
+    m.start()
+    try:
+        r = cli("mount", local_target.url, str(m.path), "-o", f"cache_dir={tmp_path / 'other'}")
+        assert r.returncode == 16 and "busy" in r.stderr
+    finally:
+        m.cleanup()
+
+
+def test_secrets_never_logged(moto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _proc, target = moto
+    secret = "Sup3r-S3cret-Value-9f2c"
+    target = Target("s3", target.url, env={**target.env, "AWS_SECRET_ACCESS_KEY": secret})
+    m = Mount(target, tmp_path / "mnt", tmp_path / "cache", {"debug": ""})
+    m.start()
+    try:
+        (m.path / "f").write_text("x")
+        with pytest.raises(OSError):
+            (m.path / ("n" * 300)).write_text("x")
+        m.stop()
+    finally:
+        m.cleanup()
+    log = (tmp_path / "cache" / "cloudfs.log").read_text()
+    assert "mounted s3://faults" in log
+    assert secret not in log
+
+
+def test_concurrent_readers_during_upload(local_target: Target, tmp_path: Path) -> None:
+    """Reads of a file whose upload is running see the written data, never a torn mix."""
+    m = Mount(local_target, tmp_path / "mnt", tmp_path / "cache", {"writeback_delay": "0"})
+    m.start()
+    try:
+        data = os.urandom(24 * MiB)
+        (m.path / "busy").write_bytes(data)
+        bad: list[int] = []
+
+        def reader() -> None:
+            for _ in range(5):
+                if (m.path / "busy").read_bytes() != data:
+                    bad.append(1)
+
+        threads = [threading.Thread(target=reader) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not bad
+    finally:
+        m.cleanup()

@@ -40,7 +40,8 @@ class Mount:
         proc = subprocess.run([CLOUDFS, "mount", self.target.url, str(self.path), "-o", self.option_text()],
                               env=self.env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode:
-            raise RuntimeError(f"cloudfs mount failed ({proc.returncode}): {proc.stderr.strip()}\n{self.log()}")
+            raise RuntimeError(f"cloudfs mount failed ({proc.returncode}): "
+                               f"{proc.stderr.strip()}\n{self.log()}")
         assert mounted(self.path), "cloudfs mount returned 0 but nothing is mounted"
 
     def pid(self) -> int | None:

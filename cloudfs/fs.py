@@ -182,22 +182,30 @@ class CloudFS(pyfuse3.Operations):
         if info is not None and not (info.metadata or {}).get("hdi_isfolder") == "true":
             attrs = self._decode(info, is_dir=False)
             if not attrs.is_dir:
-                return self._remember(path, attrs, info.etag, True)
+                return self._remember(path, attrs, info.etag, True, info.metadata)
         if listing.objects or listing.prefixes:
             marker = next((o for o in listing.objects if o.key == path + "/"), None)
             if marker is not None and marker.metadata is None:
                 marker = await self.backend.head(marker.key)
             attrs = self._decode(marker, is_dir=True, server_mtime=time.time())
-            return self._remember(path, attrs, marker.etag if marker else None, marker is not None)
+            return self._remember(path, attrs, marker.etag if marker else None, marker is not None,
+                                  marker.metadata if marker else None)
         return None
 
-    def _remember(self, path: str, attrs: Attrs, etag: str | None, remote: bool) -> Node:
+    def _remember(self, path: str, attrs: Attrs, etag: str | None, remote: bool,
+                  meta: dict[str, str] | None = None) -> Node:
         node = self.nodes.get(path)
         if node is not None and (node.entry is not None and node.entry.pending):
             node.refreshed = time.monotonic()
             return node  # local changes win until they are uploaded
         self.negative.pop(path, None)
-        return self.nodes.add(path, attrs, etag, remote)
+        node = self.nodes.add(path, attrs, etag, remote)
+        node.foreign_meta = layout.foreign(meta)
+        return node
+
+    def _metadata(self, node: Node) -> dict[str, str]:
+        """What to store for a node: our keys, plus other tools' keys we do not manage."""
+        return {**node.foreign_meta, **layout.encode(node.attrs)}
 
     async def _lookup_path(self, path: str) -> Node | None:
         node = self.nodes.get(path)
@@ -219,7 +227,7 @@ class CloudFS(pyfuse3.Operations):
         """Persist mode/owner/mtime/xattrs in the object's metadata."""
         if self.nodes.get(node.path) is not node or (node.entry is not None and node.entry.deleted):
             return  # unlinked but still open: nothing left to store it in
-        meta = layout.encode(node.attrs)
+        meta = self._metadata(node)
         if layout.metadata_size(meta) > self.backend.capabilities.max_metadata_bytes:
             raise _fail(errno.ENOSPC)
         if node.entry is not None and node.entry.pending:
@@ -244,7 +252,7 @@ class CloudFS(pyfuse3.Operations):
             remote = Remote(node.etag, node.attrs.size) if node.remote else None
             node.entry = self.cache.entry(node.path, remote, node.attrs.size)
             if not node.entry.pending:
-                node.entry.metadata = layout.encode(node.attrs)
+                node.entry.metadata = self._metadata(node)
         return node.entry
 
     def _on_conflict(self, entry: Entry, saved_as: str) -> None:
@@ -363,7 +371,7 @@ class CloudFS(pyfuse3.Operations):
             attrs = self._decode(o, is_dir=False)
             if attrs.is_dir:
                 continue  # an hdi_isfolder blob: its prefix entry stands for it
-            self._add_dir_entry(handle, self._remember(o.key, attrs, o.etag, True))
+            self._add_dir_entry(handle, self._remember(o.key, attrs, o.etag, True, o.metadata))
         for p in page.prefixes:
             path = p.rstrip("/")
             name = path[len(prefix):]
@@ -485,7 +493,7 @@ class CloudFS(pyfuse3.Operations):
         if flags & os.O_TRUNC and entry.size:
             await self.cache.truncate(entry, 0)
             node.attrs.mtime_ns = time.time_ns()
-            entry.metadata = layout.encode(node.attrs)
+            entry.metadata = self._metadata(node)
             self.uploader.schedule(entry)
         # The kernel may keep pages cached only while they still match the object.
         version = entry.base.etag if entry.base else None
@@ -526,7 +534,7 @@ class CloudFS(pyfuse3.Operations):
         entry = self._open_entry(node)
         n = await self.cache.write(entry, off, buf)
         node.attrs.mtime_ns = time.time_ns()
-        entry.metadata = layout.encode(node.attrs)
+        entry.metadata = self._metadata(node)
         self.uploader.schedule(entry)
         return n
 

@@ -258,3 +258,11 @@ def encode(attrs: Attrs) -> dict[str, str]:
 
 def metadata_size(meta: dict[str, str]) -> int:
     return sum(len(k) + len(v) for k, v in meta.items())
+
+
+OWN_KEYS = frozenset({"mode", "uid", "gid", "mtime", "xattr"})
+
+
+def foreign(meta: dict[str, str] | None) -> dict[str, str]:
+    """Metadata keys cloudfs does not write (other tools'), to carry over on updates."""
+    return {k: v for k, v in (meta or {}).items() if isinstance(v, str) and k.lower() not in OWN_KEYS}

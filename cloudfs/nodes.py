@@ -33,6 +33,7 @@ class Node:
     target: bytes | None = None  # symlink target, once read
     kernel_etag: str | None = None  # version whose pages the kernel may keep cached
     ctime_ns: int = field(default_factory=time.time_ns)
+    foreign_meta: dict[str, str] = field(default_factory=dict)  # other tools' keys, kept on update
 
     @property
     def is_dir(self) -> bool:

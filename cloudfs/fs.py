@@ -117,8 +117,9 @@ class CloudFS(pyfuse3.Operations):
         a.st_mtime_ns = node.attrs.mtime_ns
         a.st_atime_ns = node.attrs.mtime_ns
         a.st_ctime_ns = max(node.ctime_ns, node.attrs.mtime_ns)
-        a.attr_timeout = self.opts.attr_timeout
-        a.entry_timeout = self.opts.attr_timeout
+        # A folder seen only as a listing prefix may have a marker with attributes: let the
+        # kernel ask again (lookup resolves it) instead of caching the defaults.
+        a.attr_timeout = a.entry_timeout = 0 if node.provisional else self.opts.attr_timeout
         return a
 
     def _negative(self) -> pyfuse3.EntryAttributes:
@@ -161,32 +162,33 @@ class CloudFS(pyfuse3.Operations):
                 node = self.nodes.add(path, attrs, None, False)
                 node.entry = entry
             return node
-        info: ObjectInfo | None = None
+        found: dict[str, ObjectInfo] = {}
         listing = None
 
-        async def head() -> None:
-            nonlocal info
+        async def head(key: str) -> None:
             try:
-                info = await self.backend.head(path)
+                found[key] = await self.backend.head(key)
             except NotFound:
-                info = None
+                pass
 
         async def lst() -> None:
             nonlocal listing
             listing = await self.backend.list_page(path + "/", "/", None, 2)
 
+        # The object, the folder marker (with its attributes; blobfuse2's folder blobs are
+        # found this way too) and whether anything lies below: three requests in parallel.
         async with trio.open_nursery() as n:
-            n.start_soon(head)
+            n.start_soon(head, path)
+            n.start_soon(head, path + "/")
             n.start_soon(lst)
         assert listing is not None
+        info = found.get(path)
         if info is not None and not (info.metadata or {}).get("hdi_isfolder") == "true":
             attrs = self._decode(info, is_dir=False)
             if not attrs.is_dir:
                 return self._remember(path, attrs, info.etag, True, info.metadata)
-        if listing.objects or listing.prefixes:
-            marker = next((o for o in listing.objects if o.key == path + "/"), None)
-            if marker is not None and marker.metadata is None:
-                marker = await self.backend.head(marker.key)
+        marker = found.get(path + "/")
+        if marker is not None or listing.objects or listing.prefixes:
             attrs = self._decode(marker, is_dir=True, server_mtime=time.time())
             return self._remember(path, attrs, marker.etag if marker else None, marker is not None,
                                   marker.metadata if marker else None)
@@ -210,8 +212,9 @@ class CloudFS(pyfuse3.Operations):
     async def _lookup_path(self, path: str) -> Node | None:
         node = self.nodes.get(path)
         now = time.monotonic()
-        if node is not None and (node.opens or (node.entry is not None and node.entry.pending)
-                                 or now - node.refreshed < self.opts.attr_timeout):
+        if node is not None and not node.provisional and (
+                node.opens or (node.entry is not None and node.entry.pending)
+                or now - node.refreshed < self.opts.attr_timeout):
             return node
         if node is None and self.negative.get(path, 0) > now:
             return None
@@ -380,6 +383,7 @@ class CloudFS(pyfuse3.Operations):
             node = self.nodes.get(path)
             if node is None or not node.is_dir:
                 node = self._remember(path, self._decode(None, True, server_mtime=time.time()), None, False)
+                node.provisional = True
             self._add_dir_entry(handle, node)
         handle.token = page.next_token
         handle.done = not page.next_token

@@ -34,6 +34,7 @@ class Node:
     kernel_etag: str | None = None  # version whose pages the kernel may keep cached
     ctime_ns: int = field(default_factory=time.time_ns)
     foreign_meta: dict[str, str] = field(default_factory=dict)  # other tools' keys, kept on update
+    provisional: bool = False  # attributes are defaults from a listing prefix, not yet looked up
 
     @property
     def is_dir(self) -> bool:
@@ -76,6 +77,7 @@ class NodeTable:
             else:
                 node.attrs, node.etag, node.remote = attrs, etag, remote
                 node.refreshed = time.monotonic()
+                node.provisional = False
                 return node
         node = Node(self._next, path, attrs, etag, remote)
         self._next += 1

@@ -15,6 +15,7 @@ lives here, once:
 
 from __future__ import annotations
 
+import collections
 import functools
 import io
 import logging
@@ -178,6 +179,9 @@ class Backend:
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.limiter = trio.CapacityLimiter(max_connections)
         self.retry = retry or RetryPolicy()
+        # Requests sent, by operation (each retry attempt counts): for `cloudfs status` and tests.
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.failures: collections.Counter[str] = collections.Counter()
 
     @classmethod
     def from_url(cls, netloc: str, path: str, options: dict[str, str]) -> Backend:
@@ -299,7 +303,9 @@ class Backend:
             before_sleep=before_sleep,
             reraise=True,
         )
+        op = getattr(fn, "__name__", "call").lstrip("_")
         async for attempt in retrying:
+            self.requests[op] += 1
             with attempt:
                 with trio.fail_after(policy.call_timeout):
                     try:

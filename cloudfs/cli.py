@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("umount", help="upload pending data, then unmount (waits)")
     u.add_argument("mountpoint", nargs="?")
     u.add_argument("--profile", help="unmount the mountpoint of this profile")
+    st = sub.add_parser("status", help="show cache use, pending uploads and backend requests")
+    st.add_argument("mountpoint")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
     h = sub.add_parser("install-helper", help="install /sbin/mount.cloudfs for mount(8) and fstab")
     h.add_argument("--prefix", default="/sbin")
     h2 = sub.add_parser("uninstall-helper", help="remove /sbin/mount.cloudfs")
@@ -61,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise MountError("usage: cloudfs umount MOUNTPOINT (or --profile NAME)", 2)
             unmount(mountpoint)
             return 0
+        if args.command == "status":
+            return _status(args)
         from . import mount_helper
         if args.command == "install-helper":
             mount_helper.install(args.prefix)
@@ -72,6 +77,20 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code
     except KeyboardInterrupt:
         return 130
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from . import status
+    from .daemon import pid_file
+
+    try:
+        st = status.query(status.socket_path(pid_file(args.mountpoint)))
+    except OSError:
+        raise MountError(f"{args.mountpoint}: no cloudfs mount answers there", 1) from None
+    print(json.dumps(st, indent=2) if args.json else status.render(st))
+    return 0
 
 
 def _load_profile(name: str) -> Any:

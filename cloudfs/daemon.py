@@ -28,7 +28,7 @@ from cloudfs.backends.errors import BackendError, ConfigError
 from cloudfs.cache.block_cache import BlockCache, CacheLocked
 from cloudfs.cache.uploader import Uploader
 
-from . import notify
+from . import notify, status
 from .fs import CloudFS, FsOptions
 from .options import MountOptions, default_cache_dir, parse, split_options
 
@@ -223,6 +223,8 @@ def _serve(plan: MountPlan, ready_fd: int | None, detach: bool) -> int:
                     uploader.schedule(entry)
                 nursery.start_soon(_main_loop, nursery)
                 nursery.start_soon(_on_signals, fs, uploader, nursery)
+                nursery.start_soon(status.serve, status.socket_path(pid_file(plan.mountpoint)),
+                                   lambda: status.snapshot(plan.backend, cache, uploader, plan.mountpoint))
                 await trio.sleep(0)
                 _write_pid(plan.mountpoint)
                 _report(ready_fd, "ready")

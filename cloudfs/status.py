@@ -1,0 +1,100 @@
+"""`cloudfs status MOUNTPOINT`: what a running mount is doing.
+
+The daemon answers on a private Unix socket beside its pid file (0600 in a 0700 run
+directory) with one JSON document: backend requests by operation, cache use, pending
+uploads and recent upload errors.  No secrets are in it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from typing import Any
+
+import trio
+
+from cloudfs.backends import Backend
+from cloudfs.cache.block_cache import BlockCache
+from cloudfs.cache.uploader import Uploader
+
+
+def socket_path(pid_file: str) -> str:
+    return pid_file.removesuffix(".pid") + ".sock"
+
+
+def snapshot(backend: Backend, cache: BlockCache, uploader: Uploader, mountpoint: str) -> dict[str, Any]:
+    pending = uploader.pending_entries()
+    return {
+        "mountpoint": mountpoint,
+        "backend": backend.describe(),
+        "pid": os.getpid(),
+        "requests": dict(backend.requests),
+        "cache": {
+            "dir": cache.dir,
+            "used_bytes": cache.used,
+            "max_bytes": cache.max_bytes,
+            "dirty_bytes": cache.dirty_bytes,
+            "max_dirty_bytes": cache.max_dirty,
+            "block_size": cache.block_size,
+            **cache.stats,
+        },
+        "uploads": {
+            "pending_files": len(pending),
+            "pending_bytes": sum(e.size for e in pending),
+            "uploading": sorted(e.key for e in pending if e.uploading)[:20],
+            "uploaded_bytes": uploader.uploaded_bytes,
+            "errors": {e.key: str(uploader.errors[e.id]) for e in pending if e.id in uploader.errors},
+        },
+    }
+
+
+async def serve(path: str, report: Any) -> None:
+    """Answer every connection with ``report()`` as JSON, until cancelled."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        await sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(8)
+    listener = trio.SocketListener(sock)
+    try:
+        async with listener:
+            while True:
+                stream = await listener.accept()
+                async with stream:
+                    with contextlib.suppress(trio.BrokenResourceError):
+                        await stream.send_all(json.dumps(report()).encode())
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def query(path: str, timeout: float = 5.0) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        chunks = []
+        while data := s.recv(65536):
+            chunks.append(data)
+    return json.loads(b"".join(chunks))
+
+
+def render(st: dict[str, Any]) -> str:
+    c, u = st["cache"], st["uploads"]
+    mib = 1024 * 1024
+    lines = [
+        f"{st['mountpoint']}: {st['backend']} (pid {st['pid']})",
+        f"cache: {c['used_bytes'] / mib:.0f} of {c['max_bytes'] / mib:.0f} MiB used, "
+        f"{c['dirty_bytes'] / mib:.0f} MiB not uploaded, {c['hits']} hits, {c['fetches']} fetches, "
+        f"{c['evictions']} evictions",
+        f"uploads: {u['pending_files']} file(s) pending ({u['pending_bytes'] / mib:.1f} MiB), "
+        f"{u['uploaded_bytes'] / mib:.1f} MiB uploaded",
+        "requests: " + ", ".join(f"{k} {v}" for k, v in sorted(st["requests"].items())),
+    ]
+    lines += [f"upload error: {k}: {v}" for k, v in u["errors"].items()]
+    return "\n".join(lines)

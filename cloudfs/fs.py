@@ -201,6 +201,11 @@ class CloudFS(pyfuse3.Operations):
             node.refreshed = time.monotonic()
             return node  # local changes win until they are uploaded
         self.negative.pop(path, None)
+        if (node is not None and node.etag is not None and etag != node.etag and not node.is_dir
+                and not node.opens):
+            # Replaced on the server: a new inode, so the kernel drops the old size and pages
+            # (with the writeback cache it never takes a new size for a known inode).
+            self.nodes.detach(node)
         node = self.nodes.add(path, attrs, etag, remote)
         node.foreign_meta = layout.foreign(meta)
         return node
@@ -510,18 +515,21 @@ class CloudFS(pyfuse3.Operations):
         node = self._node(fh)
         entry = self._open_entry(node)
         data = await self.cache.read(entry, off, size)
-        self._readahead(entry, off + len(data))
+        self._readahead(entry, off, off + len(data))
         return data
 
-    def _readahead(self, entry: Entry, end: int) -> None:
-        last = getattr(entry, "read_end", None)
-        entry.read_end = end  # type: ignore[attr-defined]
-        if last is None or end - last > 4 * self.cache.block_size or end <= last:
+    # A run of sequential reads must be this long before cloudfs fetches ahead: the kernel's
+    # own read-ahead (up to 1 MiB) turns one random read into a short sequential run.
+    SEQUENTIAL_RUN = 4 * 1024 * 1024
+
+    def _readahead(self, entry: Entry, start: int, end: int) -> None:
+        if entry.read_end != start:
+            entry.run_start = start  # not sequential: a new run begins
+        entry.read_end = end
+        if end - entry.run_start < self.SEQUENTIAL_RUN or self.nursery is None:
             return
-        blocks = self.cache.prefetch_range(entry, end - 1)
-        if blocks and self.nursery is not None:
-            for b in blocks:
-                self.nursery.start_soon(self._prefetch, entry, b)
+        for b in self.cache.prefetch_range(entry, end - 1):
+            self.nursery.start_soon(self._prefetch, entry, b)
 
     async def _prefetch(self, entry: Entry, block: int) -> None:
         try:

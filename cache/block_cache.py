@@ -33,7 +33,7 @@ import trio
 from cloudfs.backends import Backend
 from cloudfs.backends.errors import BackendError, PreconditionFailed
 
-from .journal import EntryState, fsync_dir, read_state, write_state
+from .journal import EntryState, fsync_dir, read_state, state_path, write_state
 from .multi_lock import MultiLock
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,8 @@ class Entry:
     open_count: int = 0
     last_write: float = 0.0
     trunc_low: int = 0  # smallest size truncated to while an upload runs
+    read_end: int = -1  # where the last read ended, and where the current sequential run began
+    run_start: int = 0
     pending: bool = False  # content or metadata differs from the remote object: upload it
     journaled: bool = False  # state.json reflects the dirty set
     idle: trio.Event = field(default_factory=trio.Event)  # set when no upload runs
@@ -150,11 +152,20 @@ class BlockCache:
                         loaded.append((mtime, (name, block), entry))
                 elif fname.endswith(".tmp"):
                     os.unlink(os.path.join(path, fname))
+            # The record is rewritten when a block first turns dirty, not on every write that
+            # extends the file: after a crash the dirty blocks themselves tell the size.
+            for block in entry.dirty:
+                extent = block * self.block_size + os.path.getsize(entry.block_path(block))
+                entry.size = max(entry.size, extent)
             self.entries[entry.key] = entry
             if entry.pending:
                 pending.append(entry)
         for _, k, entry in sorted(loaded, key=lambda t: t[0]):
             self.lru[k] = entry
+        # The bound is hard from the start: a cache reopened with a smaller cache_size sheds its
+        # oldest clean blocks now (fix: it used to stay above max_bytes until blocks were dropped).
+        while self.used > self.max_bytes and self._evict_one():
+            pass
         return pending
 
     def close(self) -> None:
@@ -285,41 +296,56 @@ class BlockCache:
             self.stats["hits"] += 1
             return
         async with self.block_locks((entry.id, block)):
-            if block in entry.present:
-                return
-            await self.reserve()
-            start = block * self.block_size
-            remote_len = max(0, min(self.block_size, entry.fetch_limit - start))
-            path = entry.block_path(block)
-            try:
-                if remote_len and entry.base is not None:
-                    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-                    try:
-                        async with self.fetch_limiter:
-                            with open(tmp, "wb", opener=_private) as f:
-                                await self.backend.download(key or entry.key, f, start, remote_len,
-                                                            if_match=entry.base.etag)
-                        if os.path.getsize(tmp) != remote_len:
-                            raise StaleError(f"{entry.key}: object is shorter than expected")
-                        os.rename(tmp, path)
-                    except PreconditionFailed:
-                        raise StaleError(f"{entry.key}: changed on the server; reopen it") from None
-                    finally:
-                        if os.path.exists(tmp):
-                            os.unlink(tmp)
-                    self.stats["fetches"] += 1
-                    self.stats["fetched_bytes"] += remote_len
-                else:
-                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
-            except BaseException:
-                self.used -= self.block_size
-                self._wake()
-                raise
-            if entry.deleted:  # unlinked while we fetched
-                self.used -= self.block_size
-                return
-            entry.present.add(block)
-            self.lru[(entry.id, block)] = entry
+            while block not in entry.present and not entry.deleted:
+                base = entry.base
+                try:
+                    await self._fetch_block(entry, block, key)
+                except StaleError:
+                    # Fix: our own upload replaces the object before mark_uploaded() moves
+                    # entry.base to the new version; a cold read or a merging write in that
+                    # window got ESTALE.  Wait for the upload, then fetch from the new base.
+                    if entry.base is base and not entry.uploading:
+                        raise
+                    while entry.uploading:
+                        await entry.idle.wait()
+                    if entry.base is base:
+                        raise  # the upload failed: the object was changed by someone else
+
+    async def _fetch_block(self, entry: Entry, block: int, key: str | None) -> None:
+        """ensure_block()'s work, under the block lock."""
+        await self.reserve()
+        start = block * self.block_size
+        remote_len = max(0, min(self.block_size, entry.fetch_limit - start))
+        path = entry.block_path(block)
+        try:
+            if remote_len and entry.base is not None:
+                tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+                try:
+                    async with self.fetch_limiter:
+                        with open(tmp, "wb", opener=_private) as f:
+                            await self.backend.download(key or entry.key, f, start, remote_len,
+                                                        if_match=entry.base.etag)
+                    if os.path.getsize(tmp) != remote_len:
+                        raise StaleError(f"{entry.key}: object is shorter than expected")
+                    os.rename(tmp, path)
+                except PreconditionFailed:
+                    raise StaleError(f"{entry.key}: changed on the server; reopen it") from None
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+                self.stats["fetches"] += 1
+                self.stats["fetched_bytes"] += remote_len
+            else:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+        except BaseException:
+            self.used -= self.block_size
+            self._wake()
+            raise
+        if entry.deleted:  # unlinked while we fetched
+            self.used -= self.block_size
+            return
+        entry.present.add(block)
+        self.lru[(entry.id, block)] = entry
 
     def _touch(self, entry: Entry, block: int) -> None:
         k = (entry.id, block)
@@ -369,12 +395,15 @@ class BlockCache:
                     await self.ensure_block_empty(entry, block)
                 else:
                     await self.ensure_block(entry, block)
+            # Journal the block as dirty *before* changing its file: killed in between, a
+            # clean-looking block file with new bytes would pass for a copy of the remote
+            # version and never be uploaded (fix; a dirty block with old bytes is harmless).
+            self._mark_dirty(entry, block)
             fd = os.open(entry.block_path(block), os.O_WRONLY)
             try:
                 os.pwrite(fd, view[:n], within)
             finally:
                 os.close(fd)
-            self._mark_dirty(entry, block)
             view = view[n:]
             pos += n
             entry.size = max(entry.size, pos)
@@ -394,6 +423,7 @@ class BlockCache:
     def mark_pending(self, entry: Entry) -> None:
         """The object must be (re)uploaded: new file, resized, or metadata changed."""
         entry.gen += 1
+        entry.last_write = time.monotonic()  # the write-back delay counts from now
         if not entry.pending:
             entry.pending = True
             entry.journaled = False
@@ -422,39 +452,54 @@ class BlockCache:
             if last >= 0 and within < self.block_size:
                 if last in entry.present or last * self.block_size < entry.fetch_limit:
                     await self.ensure_block(entry, last)
+                    self._mark_dirty(entry, last)  # before the file changes: see write()
                     os.truncate(entry.block_path(last), min(within, os.path.getsize(entry.block_path(last))))
-                    self._mark_dirty(entry, last)
         entry.size = size
         entry.trunc_low = min(entry.trunc_low, size)
         entry.pending = True
         entry.gen += 1
         self._journal(entry)
 
-    def materialize_length(self, entry: Entry, block: int, length: int) -> None:
-        """Extend a present block file with zeros to its logical length (for upload)."""
-        path = entry.block_path(block)
-        if os.path.getsize(path) < length:
-            os.truncate(path, length)
-
     async def make_durable(self, entry: Entry) -> None:
         """fsync the dirty blocks and the journal record: the data survives a crash."""
-        def sync() -> None:
-            for block in list(entry.dirty):
+        # Fix: the record used to be built and written inside the worker thread, racing with
+        # _journal() on the trio thread: both used state.json.tmp (fsync failed with ENOENT when
+        # the other rename took it), entry.state() iterated dicts being changed, and an older
+        # record could replace a newer one.  Now the threads only fsync; the record is written
+        # on the trio thread like every other journal write.
+        blocks = [entry.block_path(b) for b in entry.dirty]
+
+        def sync_blocks() -> None:
+            for path in blocks:
                 try:
-                    fd = os.open(entry.block_path(block), os.O_RDONLY)
+                    fd = os.open(path, os.O_RDONLY)
                 except FileNotFoundError:
-                    continue
+                    continue  # dropped by a truncate meanwhile
                 try:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-            write_state(entry.dir, entry.state(), durable=True)
+
+        def sync_record() -> None:
+            fd = os.open(state_path(entry.dir), os.O_RDONLY)
+            try:
+                os.fsync(fd)  # this record or a newer one (which covers at least as much)
+            finally:
+                os.close(fd)
+            fsync_dir(entry.dir)
             fsync_dir(self.entries_dir)
 
         if entry.deleted:
             return
-        await trio.to_thread.run_sync(sync)
-        entry.journaled = True
+        await trio.to_thread.run_sync(sync_blocks)
+        if entry.deleted:
+            return
+        self._journal(entry)
+        try:
+            await trio.to_thread.run_sync(sync_record)
+        except FileNotFoundError:
+            if not entry.deleted:  # unlinked or renamed meanwhile: nothing left to make durable
+                raise
 
     def mark_uploaded(self, entry: Entry, etag: str, size: int, gens: dict[int, int],
                       trunc_low: int, gen: int) -> None:

@@ -187,6 +187,12 @@ class Uploader:
                 etag = await self._send(entry, snap, target)
                 self.uploaded_bytes += snap.size
                 if target != snap.key:
+                    # The local version is safe under the conflict name and the server's version
+                    # keeps the key: forget the local blocks (they belong to neither).  Without
+                    # this the entry stayed pending and every later round saved another conflict
+                    # copy, and its dirty blocks held the dirty budget forever.
+                    entry.pending = False
+                    self.cache.discard(entry)
                     self.on_conflict(entry, target)
                 elif not entry.deleted:
                     self.cache.mark_uploaded(entry, etag, snap.size, snap.dirty,
@@ -231,11 +237,17 @@ class Uploader:
         upload_id = await self.backend.mpu_create(key, snap.metadata)
         parts: list[PartInfo] = []
         try:
-            async with trio.open_nursery() as nursery:
-                for number, start in enumerate(range(0, snap.size, part), 1):
-                    length = min(part, snap.size - start)
-                    nursery.start_soon(self._send_part, entry, snap, key, upload_id, number, start,
-                                       length, parts)
+            try:
+                async with trio.open_nursery() as nursery:
+                    for number, start in enumerate(range(0, snap.size, part), 1):
+                        length = min(part, snap.size - start)
+                        nursery.start_soon(self._send_part, entry, snap, key, upload_id, number, start,
+                                           length, parts)
+            except BaseExceptionGroup as group:
+                # Fix: trio wraps a failed part in an ExceptionGroup, which upload()'s
+                # `except BackendError` and _upload_task did not catch: one failed part (a retry
+                # budget spent, a block file dropped by a truncate) crashed run() and the mount.
+                raise _single_error(group) from None
             return await self.backend.mpu_complete(key, upload_id, parts)
         except BaseException:
             with trio.CancelScope(shield=True), trio.move_on_after(30):
@@ -258,9 +270,14 @@ class Uploader:
                 parts.append(await self.backend.mpu_part_copy(key, upload_id, number, snap.key, start,
                                                               length, snap.base.etag))
                 return
-            if len(blocks) == 1 and blocks[0] in entry.present:
-                self.cache.materialize_length(entry, blocks[0], length)
-                payload = Payload.from_file(entry.block_path(blocks[0]), 0, length)
+            path = entry.block_path(blocks[0])
+            if len(blocks) == 1 and blocks[0] in entry.present and os.path.getsize(path) >= length:
+                # Fix: a shorter block file (a hole at its end) used to be extended in place
+                # (BlockCache.materialize_length, now removed); when a truncate+write had replaced
+                # the block during this upload, that grew the *new* block file past the file
+                # size, and recovery after a kill took the zeros for data.  Short blocks now go
+                # through _assemble, which never touches block files.
+                payload = Payload.from_file(path, 0, length)
                 parts.append(await self.backend.mpu_part(key, upload_id, number, payload))
                 return
             tmp = await self._assemble(entry, snap, start, length)
@@ -272,6 +289,9 @@ class Uploader:
     async def _assemble(self, entry: Entry, snap: Snapshot, start: int, length: int) -> str:
         """Write bytes [start, start+length) of the snapshot into a temp file."""
         bs = self.cache.block_size
+        # The temp dir is made by run(); create it here too so flush()/flush_all() work without
+        # the background loop (fix: uploads before run() failed with "local cache changed").
+        os.makedirs(self.tmp_dir, mode=0o700, exist_ok=True)
         tmp = os.path.join(self.tmp_dir, uuid.uuid4().hex)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -303,3 +323,17 @@ class Uploader:
             raise
         finally:
             os.close(fd)
+
+
+def _single_error(group: BaseExceptionGroup) -> BaseException:
+    """The first BackendError/OSError of a part nursery's group; the group itself otherwise.
+
+    Anything else (Cancelled, a bug) keeps its group so trio and the caller see it unchanged.
+    """
+    matched, rest = group.split((BackendError, OSError))
+    if matched is None or rest is not None:
+        return group
+    exc: BaseException = matched
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import pyfuse3
 import trio
@@ -314,11 +315,50 @@ def unmount(mountpoint: str, timeout: float = 3600.0) -> None:
         if subprocess.run([*tool, mountpoint], check=False).returncode:
             raise MountError(f"could not unmount {mountpoint}", 1) from None
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not is_mounted(mountpoint) and (not pid or not _alive(pid)):
-            return
-        time.sleep(0.1)
+    progress = _UploadProgress(mountpoint) if sys.stderr.isatty() else None
+    try:
+        while time.monotonic() < deadline:
+            if not is_mounted(mountpoint) and (not pid or not _alive(pid)):
+                return
+            if progress is not None:
+                progress.update()
+            time.sleep(0.1)
+    finally:
+        if progress is not None:
+            progress.close()
     raise MountError(f"{mountpoint}: unmount did not finish in {timeout:.0f}s", 1)
+
+
+class _UploadProgress:
+    """A terminal progress bar of the uploads an unmount waits for (from the status socket)."""
+
+    def __init__(self, mountpoint: str) -> None:
+        self.path = status.socket_path(pid_file(mountpoint))
+        self.bar: Any = None
+        self.total = 0
+
+    def update(self) -> None:
+        try:
+            pending = status.query(self.path, timeout=1)["uploads"]["pending_bytes"]
+        except (OSError, ValueError, KeyError):
+            return
+        if self.bar is None:
+            if not pending:
+                return
+            from tqdm import tqdm
+
+            self.total = pending
+            self.bar = tqdm(total=pending, unit="B", unit_scale=True,
+                            desc="cloudfs: uploading before unmount")
+        self.total = max(self.total, pending)
+        self.bar.total = self.total
+        self.bar.n = self.total - pending
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.n = self.bar.total
+            self.bar.close()
 
 
 def _alive(pid: int) -> bool:

@@ -37,7 +37,11 @@ def fuse_errors(fn: F) -> F:
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kw: Any) -> Any:
         try:
-            return await fn(*args, **kw)
+            try:
+                return await fn(*args, **kw)
+            except BaseExceptionGroup as group:
+                # Parallel requests (nurseries) fail as a group: the first real error decides.
+                raise _first_leaf(group) from None
         except pyfuse3.FUSEError:
             raise
         except BackendError as exc:
@@ -51,6 +55,24 @@ def fuse_errors(fn: F) -> F:
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return cast(F, wrapper)
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:  # type: ignore[type-arg]
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for preferred in (pyfuse3.FUSEError, BackendError, OSError):
+        for leaf in leaves:
+            if isinstance(leaf, preferred):
+                return leaf
+    return leaves[0] if leaves else group
 
 
 @dataclass
@@ -534,7 +556,7 @@ class CloudFS(pyfuse3.Operations):
     async def _prefetch(self, entry: Entry, block: int) -> None:
         try:
             await self.cache.ensure_block(entry, block)
-        except BackendError as exc:
+        except (BackendError, OSError) as exc:  # read-ahead is optional: never let it end the mount
             log.debug("read-ahead of %s block %d failed: %s", entry.key, block, exc)
 
     nursery: trio.Nursery | None = None

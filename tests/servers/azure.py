@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import itertools
 import os
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
 from . import Target
-from .process import ManagedProcess, ServerFailed, free_port
+from .process import ManagedProcess, ServerFailed, free_port, http_ready
 
 REPO = Path(__file__).resolve().parents[2]
 AZURITE = REPO / ".deps" / "npm" / "node_modules" / ".bin" / "azurite-blob"
@@ -24,17 +22,6 @@ AZURITE = REPO / ".deps" / "npm" / "node_modules" / ".bin" / "azurite-blob"
 ACCOUNT = "devstoreaccount1"
 # Azurite's published development key (not a secret).
 KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-
-
-def _answers(url: str) -> bool:
-    """Azurite answers 400 on its root once it is listening."""
-    try:
-        with urllib.request.urlopen(url, timeout=1):
-            return True
-    except urllib.error.HTTPError:
-        return True
-    except OSError:
-        return False
 
 
 class Server:
@@ -67,7 +54,7 @@ class Server:
              "--inMemoryPersistence", "--skipApiVersionCheck", "--loose", "--silent",
              "--disableTelemetry"],
             self.workdir, cwd=str(data))
-        self.proc.start(lambda: _answers(f"http://127.0.0.1:{self.port}/"))
+        self.proc.start(lambda: http_ready(f"http://127.0.0.1:{self.port}/"))
         from azure.storage.blob import BlobServiceClient
 
         self._service = BlobServiceClient.from_connection_string(self.connection_string)

@@ -5,14 +5,12 @@ from __future__ import annotations
 import itertools
 import os
 import sys
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
 from . import Target
-from .process import ManagedProcess, free_port
+from .process import ManagedProcess, free_port, http_ready
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -24,17 +22,6 @@ CREDENTIALS = {
 def venv_bin(name: str) -> str:
     """A console script installed next to the running interpreter (the venv's bin/)."""
     return os.path.join(os.path.dirname(sys.executable), name)
-
-
-def http_ready(url: str) -> bool:
-    """True once anything answers HTTP at ``url`` (an error status is still an answer)."""
-    try:
-        with urllib.request.urlopen(url, timeout=1):
-            return True
-    except urllib.error.HTTPError:
-        return True
-    except OSError:
-        return False
 
 
 def boto3_client(endpoint: str, env: dict[str, str] | None = None) -> Any:

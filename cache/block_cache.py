@@ -93,7 +93,8 @@ def entry_id(key: str) -> str:
 
 class BlockCache:
     def __init__(self, backend: Backend, cache_dir: str, *, block_size: int, max_bytes: int,
-                 max_dirty: int, min_free: int = 0, readahead_blocks: int = 4) -> None:
+                 max_dirty: int, min_free: int = 0, readahead_blocks: int = 4,
+                 stall_timeout: float = 600.0) -> None:
         self.backend = backend
         self.dir = cache_dir
         self.entries_dir = os.path.join(cache_dir, "entries")
@@ -102,6 +103,7 @@ class BlockCache:
         self.max_dirty = min(max_dirty, max_bytes)
         self.min_free = min_free
         self.readahead_blocks = readahead_blocks
+        self.stall_timeout = stall_timeout
         self.entries: dict[str, Entry] = {}  # by key; orphans (unlinked while open) are not here
         self.lru: OrderedDict[tuple[str, int], Entry] = OrderedDict()  # clean blocks, oldest first
         self.used = 0  # bytes reserved by block files (each counted as one block)
@@ -252,9 +254,16 @@ class BlockCache:
         self._changed = trio.Event()
 
     async def _wait_change(self) -> None:
-        """Sleep until space is freed or dirty bytes drop; callers re-check their condition."""
+        """Sleep until space is freed or dirty bytes drop; callers re-check their condition.
+
+        Back-pressure, not a hang: if nothing frees space for ``stall_timeout`` seconds
+        (uploads keep failing, e.g. the store is unreachable), the writer gets ENOSPC.
+        """
         self.on_pressure()
-        await self._changed.wait()
+        with trio.move_on_after(self.stall_timeout) as scope:
+            await self._changed.wait()
+        if scope.cancelled_caught:
+            raise OSError(errno.ENOSPC, f"cache full and no upload finished in {self.stall_timeout:.0f}s")
 
     def _evict_one(self) -> bool:
         for (_eid, block), entry in self.lru.items():

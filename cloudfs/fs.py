@@ -80,8 +80,9 @@ class FsOptions:
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
     read_only: bool = False
-    attr_timeout: float = 5.0  # kernel attribute/entry caching and our metadata TTL
-    negative_timeout: float = 2.0
+    # Kernel attribute/entry caching, our metadata TTL, negative entries and how long a
+    # complete directory listing answers "no such name" without asking the store.
+    attr_timeout: float = 10.0
     sync_upload: bool = False
 
 
@@ -111,6 +112,9 @@ class CloudFS(pyfuse3.Operations):
         now = time.time_ns()
         self.nodes = NodeTable(Attrs(stat.S_IFDIR | 0o755, opts.uid, opts.gid, now))
         self.negative: dict[str, float] = {}
+        # Folders whose complete list of names is known (made here, or fully listed):
+        # path -> (valid until, names). A name missing from a fresh list needs no request.
+        self.listed: dict[str, tuple[float, set[str]]] = {}
         self.dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
         self.head_limiter = trio.CapacityLimiter(32)
@@ -147,7 +151,7 @@ class CloudFS(pyfuse3.Operations):
     def _negative(self) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = 0  # the kernel caches the absence for entry_timeout
-        a.entry_timeout = self.opts.negative_timeout
+        a.entry_timeout = self.opts.attr_timeout
         return a
 
     def _node(self, ino: int) -> Node:
@@ -223,8 +227,10 @@ class CloudFS(pyfuse3.Operations):
             node.refreshed = time.monotonic()
             return node  # local changes win until they are uploaded
         self.negative.pop(path, None)
+        ours = self.cache.entries.get(path)
         if (node is not None and node.etag is not None and etag != node.etag and not node.is_dir
-                and not node.opens):
+                and not node.opens and not (ours is not None and ours.base is not None
+                                            and ours.base.etag == etag)):
             # Replaced on the server: a new inode, so the kernel drops the old size and pages
             # (with the writeback cache it never takes a new size for a known inode).
             self.nodes.detach(node)
@@ -243,15 +249,32 @@ class CloudFS(pyfuse3.Operations):
                 node.opens or (node.entry is not None and node.entry.pending)
                 or now - node.refreshed < self.opts.attr_timeout):
             return node
-        if node is None and self.negative.get(path, 0) > now:
+        if node is None and (self.negative.get(path, 0) > now or self._known_absent(path, now)):
             return None
         node = await self._resolve(path)
         if node is None:
-            self.negative[path] = now + self.opts.negative_timeout
+            self.negative[path] = now + self.opts.attr_timeout
             old = self.nodes.get(path)
             if old is not None:
                 self.nodes.detach(old)
         return node
+
+    def _known_absent(self, path: str, now: float) -> bool:
+        parent, _, name = path.rpartition("/")
+        known = self.listed.get(parent)
+        return known is not None and known[0] > now and name not in known[1]
+
+    def _listed_add(self, path: str) -> None:
+        parent, _, name = path.rpartition("/")
+        if parent in self.listed:
+            self.listed[parent][1].add(name)
+
+    def _listed_remove(self, path: str) -> None:
+        parent, _, name = path.rpartition("/")
+        if parent in self.listed:
+            self.listed[parent][1].discard(name)
+        for key in [k for k in self.listed if k == path or k.startswith(path + "/")]:
+            del self.listed[key]
 
     async def _save_attrs(self, node: Node) -> None:
         """Persist mode/owner/mtime/xattrs in the object's metadata."""
@@ -375,7 +398,14 @@ class CloudFS(pyfuse3.Operations):
                 if child.entry is not None and child.entry.pending and not child.remote:
                     self._add_dir_entry(handle, child)
         page = await self.backend.list_page(prefix, "/", handle.token, 1000)
-        need_head = [o for o in page.objects if o.metadata is None and o.key != prefix]
+        now = time.monotonic()
+
+        def known(o: ObjectInfo) -> bool:  # fresh and unchanged: its metadata is already here
+            node = self.nodes.get(o.key)
+            return (node is not None and node.etag == o.etag and not node.provisional
+                    and now - node.refreshed < self.opts.attr_timeout)
+
+        need_head = [o for o in page.objects if o.metadata is None and o.key != prefix and not known(o)]
         if need_head:
             heads: dict[str, ObjectInfo] = {}
 
@@ -401,6 +431,10 @@ class CloudFS(pyfuse3.Operations):
             attrs = self._decode(o, is_dir=False)
             if attrs.is_dir:
                 continue  # an hdi_isfolder blob: its prefix entry stands for it
+            cached = self.nodes.get(o.key)
+            if o.metadata is None and cached is not None and known(o):
+                self._add_dir_entry(handle, cached)
+                continue
             self._add_dir_entry(handle, self._remember(o.key, attrs, o.etag, True, o.metadata))
         for p in page.prefixes:
             path = p.rstrip("/")
@@ -414,6 +448,9 @@ class CloudFS(pyfuse3.Operations):
             self._add_dir_entry(handle, node)
         handle.token = page.next_token
         handle.done = not page.next_token
+        if handle.done:
+            names = {os.fsdecode(name) for name, _ in handle.names}
+            self.listed[handle.path] = (time.monotonic() + self.opts.attr_timeout, names)
         return True
 
     def _add_dir_entry(self, handle: DirHandle, node: Node) -> None:
@@ -454,6 +491,8 @@ class CloudFS(pyfuse3.Operations):
         attrs = Attrs(stat.S_IFDIR | stat.S_IMODE(mode), ctx.uid, ctx.gid, time.time_ns())
         etag = await self.backend.put(path + "/", Payload.from_bytes(b""), layout.encode(attrs))
         node = self._remember(path, attrs, etag, True)
+        self._listed_add(path)
+        self.listed[path] = (time.monotonic() + self.opts.attr_timeout, set())  # new: empty
         node.lookups += 1
         return self._entry_attrs(node)
 
@@ -477,7 +516,8 @@ class CloudFS(pyfuse3.Operations):
             raise _fail(errno.ENOTEMPTY)
         await self.backend.delete(path + "/")
         self.nodes.detach(node)
-        self.negative[path] = time.monotonic() + self.opts.negative_timeout
+        self._listed_remove(path)
+        self.negative[path] = time.monotonic() + self.opts.attr_timeout
 
     # ------------------------------------------------------------------ files
     @fuse_errors
@@ -498,6 +538,7 @@ class CloudFS(pyfuse3.Operations):
         attrs = Attrs(stat.S_IFREG | stat.S_IMODE(mode), ctx.uid, ctx.gid, time.time_ns())
         node = self.nodes.add(path, attrs, None, False)
         self.negative.pop(path, None)
+        self._listed_add(path)
         entry = self.cache.entry(path, None, 0)
         if entry.pending or entry.size:
             await self.uploader.wait_idle(entry)
@@ -628,7 +669,8 @@ class CloudFS(pyfuse3.Operations):
                 self.cache.discard(entry)
         await self.backend.delete(path)
         self.nodes.detach(node)
-        self.negative[path] = time.monotonic() + self.opts.negative_timeout
+        self._listed_remove(path)
+        self.negative[path] = time.monotonic() + self.opts.attr_timeout
 
     @fuse_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
@@ -663,8 +705,11 @@ class CloudFS(pyfuse3.Operations):
         else:
             await self._rename_file(node, old, new, target)
         self.nodes.move(old, new)
+        self._listed_remove(old)
+        self._listed_remove(new)
+        self._listed_add(new)
         self.negative.pop(new, None)
-        self.negative[old] = time.monotonic() + self.opts.negative_timeout
+        self.negative[old] = time.monotonic() + self.opts.attr_timeout
 
     async def _rename_file(self, node: Node, old: str, new: str, target: Node | None) -> None:
         entry = node.entry or self.cache.entries.get(old)
@@ -727,6 +772,7 @@ class CloudFS(pyfuse3.Operations):
         attrs = Attrs(stat.S_IFLNK | 0o777, ctx.uid, ctx.gid, time.time_ns(), size=len(target))
         etag = await self.backend.put(path, Payload.from_bytes(target), layout.encode(attrs))
         node = self._remember(path, attrs, etag, True)
+        self._listed_add(path)
         node.target = target
         node.lookups += 1
         return self._entry_attrs(node)

@@ -24,7 +24,8 @@ OPTIONS: dict[str, str] = {
     "block_size": "cache block and multipart part size (default 8M)",
     "writeback_delay": "seconds after the last write before a file is uploaded, e.g. 5, 5s, 2m (default 5s)",
     "sync_upload": "fsync() and close() return only after the upload finished",
-    "attr_timeout": "seconds metadata is cached by cloudfs and the kernel (default 5)",
+    "attr_timeout": "seconds metadata, missing names and folder listings are cached by cloudfs and "
+                    "the kernel; changes by other tools show up after at most this (default 10)",
     "readahead": "blocks fetched ahead of a sequential reader (default 4)",
     "transfers": "files uploaded in parallel (default 4)",
     "connections": "concurrent requests to the backend (default 16)",
@@ -48,7 +49,7 @@ class MountOptions:
     block_size: int = 8 * 1024**2
     writeback_delay: float = 5.0
     sync_upload: bool = False
-    attr_timeout: float = 5.0
+    attr_timeout: float = 10.0
     readahead: int = 4
     transfers: int = 4
     connections: int = 16

@@ -8,9 +8,11 @@ and the journal record ``state.json`` (:mod:`cloudfs.cache.journal`).  A block i
 * clean: a local copy of the remote version, evictable (LRU);
 * dirty: written locally, not yet uploaded, never evicted.
 
-The size bound is hard: creating a block reserves ``block_size`` bytes first; if clean
-blocks cannot be evicted to make room, the caller waits until the uploader turns dirty
-blocks clean.  Writers also wait when dirty bytes reach ``max_dirty``.  The concurrency
+The size bound is hard and byte-accurate: each block file is charged what it can occupy
+(its size rounded up to 4 KiB, at least 4 KiB), and the charge is reserved before the file
+is created or grown; if clean blocks cannot be evicted to make room, the caller waits until
+the uploader turns dirty blocks clean.  Writers also wait while the charges of dirty blocks
+would exceed ``max_dirty``.  The concurrency
 rules (what runs between awaits, the per-block locks) are in docs/concurrency.md.
 """
 
@@ -25,7 +27,7 @@ import shutil
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -37,6 +39,9 @@ from .journal import EntryState, fsync_dir, read_state, state_path, write_state
 from .multi_lock import MultiLock
 
 log = logging.getLogger(__name__)
+
+
+PAGE = 4096  # the accounting unit: a block file is charged its size rounded up to this
 
 
 class CacheLocked(Exception):
@@ -65,6 +70,7 @@ class Entry:
     dir: str
     present: set[int] = field(default_factory=set)
     dirty: dict[int, int] = field(default_factory=dict)  # block -> write generation
+    charged: dict[int, int] = field(default_factory=dict)  # present block -> bytes in BlockCache.used
     metadata: dict[str, str] = field(default_factory=dict)
     gen: int = 0
     uploading: bool = False
@@ -75,6 +81,7 @@ class Entry:
     read_end: int = -1  # where the last read ended, and where the current sequential run began
     run_start: int = 0
     pending: bool = False  # content or metadata differs from the remote object: upload it
+    upload_token: str | None = None  # journaled before an upload, sent in its metadata
     journaled: bool = False  # state.json reflects the dirty set
     idle: trio.Event = field(default_factory=trio.Event)  # set when no upload runs
 
@@ -84,7 +91,7 @@ class Entry:
     def state(self) -> EntryState:
         return EntryState(self.key, self.size, self.base.etag if self.base else None,
                           self.base.size if self.base else 0, self.fetch_limit,
-                          sorted(self.dirty), dict(self.metadata), self.pending)
+                          sorted(self.dirty), dict(self.metadata), self.pending, self.upload_token)
 
 
 def entry_id(key: str) -> str:
@@ -106,12 +113,15 @@ class BlockCache:
         self.stall_timeout = stall_timeout
         self.entries: dict[str, Entry] = {}  # by key; orphans (unlinked while open) are not here
         self.lru: OrderedDict[tuple[str, int], Entry] = OrderedDict()  # clean blocks, oldest first
-        self.used = 0  # bytes reserved by block files (each counted as one block)
-        self.dirty_bytes = 0
+        self.used = 0  # bytes charged to block files, plus reservations in flight
+        self.dirty_bytes = 0  # charges of the dirty blocks
         self.block_locks = MultiLock()
         self._changed = trio.Event()  # replaced each time space is freed / dirty bytes drop
         self.fetch_limiter = trio.CapacityLimiter(8)
         self.on_pressure: Callable[[], None] = lambda: None  # uploader hook: upload now
+        # Uploader hook, for an entry with an upload token whose base is gone: rebase the entry
+        # on the object if it is our own unrecorded upload; True when it did.
+        self.adopt_own_upload: Callable[[Entry], Awaitable[bool]] = _never
         self.stats = {"fetches": 0, "fetched_bytes": 0, "evictions": 0, "hits": 0}
         self._lock_fd: int | None = None
 
@@ -138,19 +148,21 @@ class BlockCache:
             entry = Entry(name, state.key, state.size,
                           Remote(state.base_etag, state.base_size) if state.base_etag else None,
                           state.fetch_limit, path, metadata=state.metadata, pending=state.pending,
-                          journaled=True)
+                          upload_token=state.upload_token, journaled=True)
             entry.idle.set()
             for fname in os.listdir(path):
                 if fname.startswith("b") and fname[1:].isdigit():
                     block = int(fname[1:])
+                    st = os.stat(os.path.join(path, fname))
                     entry.present.add(block)
-                    self.used += self.block_size
+                    entry.charged[block] = charge = self.charge(st.st_size)
+                    self.used += charge
                     if block in state.dirty:
                         entry.gen += 1
                         entry.dirty[block] = entry.gen
-                        self.dirty_bytes += self.block_size
+                        self.dirty_bytes += charge
                     else:
-                        mtime = os.stat(os.path.join(path, fname)).st_mtime
+                        mtime = st.st_mtime
                         loaded.append((mtime, (name, block), entry))
                 elif fname.endswith(".tmp"):
                     os.unlink(os.path.join(path, fname))
@@ -240,9 +252,10 @@ class BlockCache:
                 continue
             entry.present.discard(block)
             self.lru.pop((entry.id, block), None)
+            charge = entry.charged.pop(block, 0)
             if entry.dirty.pop(block, None) is not None:
-                self.dirty_bytes -= self.block_size
-            self.used -= self.block_size
+                self.dirty_bytes -= charge
+            self.used -= charge
             try:
                 os.unlink(entry.block_path(block))
             except FileNotFoundError:
@@ -278,22 +291,76 @@ class BlockCache:
         st = os.statvfs(self.dir)
         return st.f_bavail * st.f_frsize
 
-    async def reserve(self) -> None:
-        """Make room for one more block file: evict clean blocks, else wait for uploads."""
+    def charge(self, length: int) -> int:
+        """What a block file of ``length`` bytes is charged: rounded up to PAGE, at least PAGE."""
+        return max(PAGE, -(-min(length, self.block_size) // PAGE) * PAGE)
+
+    async def reserve(self, nbytes: int) -> None:
+        """Add ``nbytes`` to ``used``: evict clean blocks to make room, else wait for uploads.
+
+        The caller owns the reservation: it becomes a block's charge or is given back.
+        """
         while True:
-            while self.used + self.block_size > self.max_bytes or (
-                    self.min_free and self._disk_free() < self.min_free + self.block_size):
+            while self.used + nbytes > self.max_bytes or (
+                    self.min_free and self._disk_free() < self.min_free + nbytes):
                 if not self._evict_one():
                     break
             else:
-                self.used += self.block_size
+                self.used += nbytes
                 return
             log.info("cache full (%d bytes, %d dirty): waiting for uploads", self.used, self.dirty_bytes)
             await self._wait_change()
 
-    async def wait_dirty_budget(self) -> None:
-        while self.dirty_bytes + self.block_size > self.max_dirty:
+    def _unreserve(self, nbytes: int) -> None:
+        self.used -= nbytes
+        self._wake()
+
+    async def wait_dirty_budget(self, entry: Entry, block: int, end: int, empty: bool) -> None:
+        """Wait while the bytes a write ending at ``end`` within ``block`` adds to ``dirty_bytes``
+        would exceed ``max_dirty`` (never when nothing is dirty: a write always progresses).
+
+        Re-computed after each wait: an upload may have turned the block clean meanwhile.
+        """
+        while (n := self._dirty_growth(entry, block, end, empty)) and self.dirty_bytes and (
+                self.dirty_bytes + n > self.max_dirty):
             await self._wait_change()
+
+    def _dirty_growth(self, entry: Entry, block: int, end: int, empty: bool) -> int:
+        """What a write ending at ``end`` within ``block`` adds to ``dirty_bytes``; ``empty``:
+        an absent block starts empty instead of being fetched."""
+        need = self.charge(end)
+        if block in entry.dirty:
+            return max(0, need - entry.charged.get(block, 0))
+        if block in entry.present:
+            return max(need, entry.charged.get(block, 0))
+        remote = 0
+        if not empty and entry.base is not None:
+            remote = min(self.block_size, entry.fetch_limit - block * self.block_size)
+        return max(need, self.charge(remote))
+
+    async def _grow(self, entry: Entry, block: int, length: int) -> bool:
+        """Make the present block's charge cover a file of ``length`` bytes.
+
+        True when it already did; False after an await (the caller re-checks: the block may
+        have been dropped meanwhile).
+        """
+        need = self.charge(length) - entry.charged.get(block, 0)
+        if need <= 0:
+            return True
+        # Not evictable while we wait for room (reserve() evicts from the LRU).
+        pinned = self.lru.pop((entry.id, block), None) is not None
+        try:
+            await self.reserve(need)
+        finally:
+            if pinned and block in entry.present and block not in entry.dirty and not entry.deleted:
+                self.lru[(entry.id, block)] = entry
+        if block in entry.present and not entry.deleted:
+            entry.charged[block] = entry.charged.get(block, 0) + need
+            if block in entry.dirty:
+                self.dirty_bytes += need
+        else:
+            self._unreserve(need)
+        return False
 
     # ------------------------------------------------------------------ blocks
     def _block_len(self, entry: Entry, block: int) -> int:
@@ -314,6 +381,11 @@ class BlockCache:
                     # entry.base to the new version; a cold read or a merging write in that
                     # window got ESTALE.  Wait for the upload, then fetch from the new base.
                     if entry.base is base and not entry.uploading:
+                        # Our last upload may have been committed but not recorded (killed,
+                        # or the reply was lost): then the object is our own, fetch from it.
+                        if entry.upload_token and await self.adopt_own_upload(entry) and (
+                                entry.base is not base):
+                            continue
                         raise
                     while entry.uploading:
                         await entry.idle.wait()
@@ -322,9 +394,18 @@ class BlockCache:
 
     async def _fetch_block(self, entry: Entry, block: int, key: str | None) -> None:
         """ensure_block()'s work, under the block lock."""
-        await self.reserve()
         start = block * self.block_size
-        remote_len = max(0, min(self.block_size, entry.fetch_limit - start))
+        charge = 0
+        while True:
+            remote_len = max(0, min(self.block_size, entry.fetch_limit - start))
+            if remote_len and entry.base is None:
+                remote_len = 0
+            if self.charge(remote_len) <= charge:
+                break
+            if charge:
+                self._unreserve(charge)  # fetch_limit grew while we waited (an upload finished)
+            charge = self.charge(remote_len)
+            await self.reserve(charge)
         path = entry.block_path(block)
         try:
             if remote_len and entry.base is not None:
@@ -347,13 +428,13 @@ class BlockCache:
             else:
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
         except BaseException:
-            self.used -= self.block_size
-            self._wake()
+            self._unreserve(charge)
             raise
         if entry.deleted:  # unlinked while we fetched
-            self.used -= self.block_size
+            self._unreserve(charge)
             return
         entry.present.add(block)
+        entry.charged[block] = charge
         self.lru[(entry.id, block)] = entry
 
     def _touch(self, entry: Entry, block: int) -> None:
@@ -395,15 +476,22 @@ class BlockCache:
         while view:
             block, within = divmod(pos, self.block_size)
             n = min(self.block_size - within, len(view))
-            if block not in entry.dirty:
-                await self.wait_dirty_budget()
             covers = within == 0 and (n == self.block_size or pos + n >= entry.size)
-            if block not in entry.present:
-                if covers or block * self.block_size >= entry.fetch_limit:
-                    # Nothing remote to merge with: start an empty block.
-                    await self.ensure_block_empty(entry, block)
-                else:
-                    await self.ensure_block(entry, block)
+            await self.wait_dirty_budget(entry, block, within + n,
+                                         covers or block * self.block_size >= entry.fetch_limit)
+            covers = within == 0 and (n == self.block_size or pos + n >= entry.size)  # after the wait
+            # The block file's charge covers what it will hold after the write *before* the
+            # write: used <= max_bytes at all times.  Each await may drop the block (truncate,
+            # eviction, unlink): loop until it is present with a sufficient charge.
+            while not entry.deleted:
+                if block not in entry.present:
+                    if covers or block * self.block_size >= entry.fetch_limit:
+                        # Nothing remote to merge with: start an empty block.
+                        await self.ensure_block_empty(entry, block)
+                    else:
+                        await self.ensure_block(entry, block)
+                elif await self._grow(entry, block, within + n):
+                    break
             # Journal the block as dirty *before* changing its file: killed in between, a
             # clean-looking block file with new bytes would pass for a copy of the remote
             # version and never be uploaded (fix; a dirty block with old bytes is harmless).
@@ -421,12 +509,21 @@ class BlockCache:
 
     async def ensure_block_empty(self, entry: Entry, block: int) -> None:
         async with self.block_locks((entry.id, block)):
-            if block in entry.present:
+            if block in entry.present or entry.deleted:
                 return
-            await self.reserve()
-            os.close(os.open(entry.block_path(block), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+            charge = self.charge(0)
+            await self.reserve(charge)
+            try:
+                os.close(os.open(entry.block_path(block), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+            except BaseException:
+                self._unreserve(charge)
+                raise
+            if entry.deleted:
+                self._unreserve(charge)
+                return
             # Callers guarantee no remote byte of this block survives the coming write.
             entry.present.add(block)
+            entry.charged[block] = charge
             self.lru[(entry.id, block)] = entry
 
     def mark_pending(self, entry: Entry) -> None:
@@ -443,7 +540,7 @@ class BlockCache:
         entry.gen += 1
         entry.pending = True
         if block not in entry.dirty:
-            self.dirty_bytes += self.block_size
+            self.dirty_bytes += entry.charged.get(block, 0)
             self.lru.pop((entry.id, block), None)
             entry.dirty[block] = entry.gen
             entry.journaled = False
@@ -462,7 +559,14 @@ class BlockCache:
                 if last in entry.present or last * self.block_size < entry.fetch_limit:
                     await self.ensure_block(entry, last)
                     self._mark_dirty(entry, last)  # before the file changes: see write()
-                    os.truncate(entry.block_path(last), min(within, os.path.getsize(entry.block_path(last))))
+                    path = entry.block_path(last)
+                    length = min(within, os.path.getsize(path))
+                    os.truncate(path, length)
+                    freed = entry.charged.get(last, 0) - self.charge(length)
+                    if freed > 0:
+                        entry.charged[last] -= freed
+                        self.dirty_bytes -= freed
+                        self._unreserve(freed)
         entry.size = size
         entry.trunc_low = min(entry.trunc_low, size)
         entry.pending = True
@@ -520,11 +624,15 @@ class BlockCache:
         for block, gen in gens.items():
             if entry.dirty.get(block) == gen:
                 del entry.dirty[block]
-                self.dirty_bytes -= self.block_size
+                self.dirty_bytes -= entry.charged.get(block, 0)
                 if block in entry.present:
                     self.lru[(entry.id, block)] = entry
         self._journal(entry)
         self._wake()
+
+
+async def _never(entry: Entry) -> bool:
+    return False
 
 
 def _private(path: str, flags: int) -> int:

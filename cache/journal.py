@@ -24,6 +24,7 @@ class EntryState:
     dirty: list[int] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
     pending: bool = False  # must be uploaded (new, written, resized or re-attributed)
+    upload_token: str | None = None  # sent in the metadata of the upload started last
 
 
 def state_path(entry_dir: str) -> str:

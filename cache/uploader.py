@@ -7,6 +7,11 @@ part per block group; blocks that are unchanged and not cached are copied server
 where the backend can (upload-part-copy) and fetched otherwise.  An upload works on a
 snapshot (size, dirty-block generations); blocks written during the upload stay dirty
 and are sent again.  See docs/concurrency.md and docs/semantics.md.
+
+Before an upload starts, a fresh token is journaled (``Entry.upload_token``) and sent in the
+object's metadata (``UPLOAD_KEY``).  Killed after the server committed the object but
+before ``mark_uploaded`` recorded it, the next run finds its own token on the changed
+object and takes that version as the new base instead of reporting a conflict.
 """
 
 from __future__ import annotations
@@ -21,12 +26,16 @@ from dataclasses import dataclass
 
 import trio
 
-from cloudfs.backends import Backend, PartInfo, Payload
+from cloudfs.backends import Backend, ObjectInfo, PartInfo, Payload
 from cloudfs.backends.errors import BackendError, NotFound, PreconditionFailed
 
 from .block_cache import BlockCache, Entry, Remote
 
 log = logging.getLogger(__name__)
+
+# Metadata key carrying the upload token (lowercase; a valid Azure metadata name).  The FUSE
+# layer treats it as its own key (cloudfs.layout.OWN_KEYS), not as another tool's.
+UPLOAD_KEY = "cloudfs_upload"
 
 
 @dataclass
@@ -65,6 +74,7 @@ class Uploader:
         self.on_conflict: Callable[[Entry, str], None] = lambda entry, saved_as: None
         self.uploaded_bytes = 0
         cache.on_pressure = self.pressure
+        cache.adopt_own_upload = self.adopt_own_upload
 
     # ------------------------------------------------------------------ scheduling
     def schedule(self, entry: Entry) -> None:
@@ -179,12 +189,21 @@ class Uploader:
                             entry.fetch_limit, dict(entry.metadata))
             try:
                 target = snap.key
-                if await self._changed_remotely(snap):
+                if await self._changed_remotely(entry, snap):
                     target = conflict_key(snap.key)
                     log.warning("%s changed on the server while local changes were pending; "
                                 "the server's version keeps the name, the local one is saved as %s",
                                 snap.key, target)
-                etag = await self._send(entry, snap, target)
+                metadata = snap.metadata
+                if target == snap.key and not entry.deleted:
+                    token = uuid.uuid4().hex
+                    tagged = {**snap.metadata, UPLOAD_KEY: token}
+                    if _metadata_size(tagged) <= self.backend.capabilities.max_metadata_bytes:
+                        # Journaled before the object can change: see _changed_remotely().
+                        entry.upload_token = token
+                        self.cache._journal(entry)
+                        metadata = tagged
+                etag = await self._send(entry, snap, target, metadata)
                 self.uploaded_bytes += snap.size
                 if target != snap.key:
                     # The local version is safe under the conflict name and the server's version
@@ -195,6 +214,7 @@ class Uploader:
                     self.cache.discard(entry)
                     self.on_conflict(entry, target)
                 elif not entry.deleted:
+                    entry.upload_token = None  # journaled by mark_uploaded
                     self.cache.mark_uploaded(entry, etag, snap.size, snap.dirty,
                                              entry.trunc_low, snap.gen)
                 self.retry_at.pop(entry.id, None)
@@ -212,29 +232,71 @@ class Uploader:
                 entry.idle.set()
                 self._wake()
 
-    async def _changed_remotely(self, snap: Snapshot) -> bool:
+    async def _changed_remotely(self, entry: Entry, snap: Snapshot) -> bool:
+        """Whether another writer replaced the object since ``snap.base`` (a conflict).
+
+        The object carrying the journaled token of our last upload is our own upload, committed
+        by the server but not recorded (the process was killed, or the reply was lost): it
+        becomes the base, and this upload sends the local content on top of it.
+        """
+        token = entry.upload_token
         try:
             info = await self.backend.head(snap.key)
         except NotFound:
             return False  # new, or deleted by someone else: writing it back loses nothing
-        if snap.base is None:
-            return True  # someone created it after we did
-        return info.etag != snap.base.etag
+        if snap.base is not None and info.etag == snap.base.etag:
+            return False
+        if _carries(info.metadata, token):
+            snap.base = self._rebase(entry, info)
+            snap.fetch_limit = min(snap.fetch_limit, info.size)
+            return False
+        return True  # someone created it after we did, or changed it
+
+    def _rebase(self, entry: Entry, info: ObjectInfo) -> Remote:
+        """Take our own committed, unrecorded upload ``info`` as the entry's base.
+
+        The object holds the snapshot of that upload: at every byte below the fetch limit that
+        is not in a local block it equals the old base (clean blocks were sent as they were,
+        dirty ones are still local, truncates lowered the limit), so uncached bytes can be
+        fetched from it.  The entry stays pending: the local content is sent again.
+        """
+        log.info("%s: the server has our interrupted upload; continuing from it", entry.key)
+        new = Remote(info.etag, info.size)
+        if not entry.deleted:
+            entry.base = new
+            entry.fetch_limit = min(entry.fetch_limit, info.size)
+            self.cache._journal(entry)
+        return new
+
+    async def adopt_own_upload(self, entry: Entry) -> bool:
+        """BlockCache hook: the entry's base is gone; rebase it if the object is our upload."""
+        token = entry.upload_token
+        if not token or entry.uploading or entry.deleted:
+            return False
+        try:
+            info = await self.backend.head(entry.key)
+        except NotFound:
+            return False
+        if entry.uploading or entry.deleted or entry.upload_token != token or (
+                not _carries(info.metadata, token)):
+            return False
+        self._rebase(entry, info)
+        return True
 
     def _part_size(self, size: int) -> int:
         bs = self.cache.block_size
         part = self.backend.part_size_for(size, bs)
         return -(-part // bs) * bs  # whole blocks per part
 
-    async def _send(self, entry: Entry, snap: Snapshot, key: str) -> str:
+    async def _send(self, entry: Entry, snap: Snapshot, key: str, metadata: dict[str, str]) -> str:
         part = self._part_size(snap.size)
         if snap.size <= part:
             tmp = await self._assemble(entry, snap, 0, snap.size)
             try:
-                return await self.backend.put(key, Payload.from_file(tmp), snap.metadata)
+                return await self.backend.put(key, Payload.from_file(tmp), metadata)
             finally:
                 os.unlink(tmp)
-        upload_id = await self.backend.mpu_create(key, snap.metadata)
+        upload_id = await self.backend.mpu_create(key, metadata)
         parts: list[PartInfo] = []
         try:
             try:
@@ -323,6 +385,15 @@ class Uploader:
             raise
         finally:
             os.close(fd)
+
+
+def _carries(meta: dict[str, str] | None, token: str | None) -> bool:
+    """Whether object metadata carries our upload token."""
+    return bool(token) and any(k.lower() == UPLOAD_KEY and v == token for k, v in (meta or {}).items())
+
+
+def _metadata_size(meta: dict[str, str]) -> int:
+    return sum(len(k) + len(v) for k, v in meta.items())
 
 
 def _single_error(group: BaseExceptionGroup) -> BaseException:

@@ -260,7 +260,7 @@ def metadata_size(meta: dict[str, str]) -> int:
     return sum(len(k) + len(v) for k, v in meta.items())
 
 
-OWN_KEYS = frozenset({"mode", "uid", "gid", "mtime", "xattr"})
+OWN_KEYS = frozenset({"mode", "uid", "gid", "mtime", "xattr", "cloudfs_upload"})  # + the uploader's token
 
 
 def foreign(meta: dict[str, str] | None) -> dict[str, str]:

@@ -123,6 +123,27 @@ def pattern(n: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
+def check_accounting(cache: BlockCache) -> None:
+    """``used``/``dirty_bytes`` are the charges of the block files, each covering its file.
+
+    Call when no reservation is in flight (no fetch or write running).
+    """
+    from cloudfs.cache.block_cache import PAGE
+
+    used = dirty = 0
+    for entry in cache.entries.values():
+        assert set(entry.charged) == entry.present, entry.key
+        for block, charge in entry.charged.items():
+            size = os.path.getsize(entry.block_path(block))
+            assert charge >= max(PAGE, size), (entry.key, block, charge, size)
+            assert charge % PAGE == 0
+            used += charge
+            dirty += charge if block in entry.dirty else 0
+    assert cache.used == used
+    assert cache.dirty_bytes == dirty
+    assert cache.used <= cache.max_bytes
+
+
 def files_under(path: str) -> list[str]:
     out = []
     for root, dirs, files in os.walk(path):

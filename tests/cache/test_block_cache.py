@@ -10,7 +10,7 @@ import trio
 
 from cloudfs.cache.block_cache import CacheLocked
 
-from .conftest import BS, Harness, KiB, files_under, pattern, run
+from .conftest import BS, Harness, KiB, MiB, check_accounting, files_under, pattern, run
 
 pytestmark = pytest.mark.backends("local", "s3")
 
@@ -69,6 +69,7 @@ def test_eviction_is_lru_and_bounded(harness: Harness, backend_name: str) -> Non
         # What is on disk agrees with the accounting.
         blocks = [p for p in files_under(cache.entries_dir) if os.path.basename(p).startswith("b")]
         assert len(blocks) * BS == cache.used <= max_bytes
+        check_accounting(cache)
 
     run(main)
 
@@ -93,6 +94,7 @@ def test_dirty_blocks_are_never_evicted(harness: Harness, backend_name: str) -> 
         assert len(entry.present) == 4
         assert await cache.read(entry, 0, 3) == b"xxx"
         assert await cache.read(entry, 3 * BS, 10) == data[3 * BS:3 * BS + 5] + b"yyyyy"
+        check_accounting(cache)
 
     run(main)
 
@@ -135,7 +137,8 @@ def test_reload_serves_reads_without_fetches(harness: Harness, backend_name: str
 
         cache2, pending = harness.cache()
         assert pending == []
-        assert cache2.used == 6 * BS
+        assert cache2.used == 5 * BS + 4 * KiB  # the 7-byte last block is charged one page
+        check_accounting(cache2)
         entry2 = await harness.open_entry(cache2, "warm")
         assert await cache2.read(entry2, 0, len(data)) == data
         assert cache2.stats["fetches"] == 0
@@ -252,5 +255,106 @@ def test_make_durable_races_with_journal_writes(harness: Harness, backend_name: 
         cache.close()
         _, pending = harness.cache(max_bytes=256 * BS)
         assert len(pending) == 1 and len(pending[0].dirty) == 15
+
+    run(main)
+
+
+@pytest.mark.backends("local")  # cache-only: the backend does not matter
+def test_small_files_are_charged_small(harness: Harness, backend_name: str) -> None:
+    """2000 files of 4 KiB fit an 8 MiB dirty budget with 8 MiB blocks: nobody waits.
+
+    Charged a whole block each, the second file already waited for the (here: never running)
+    uploader, and stall_timeout turned that into ENOSPC.
+    """
+    nfiles, size = 2000, 4 * KiB
+
+    async def main() -> None:
+        cache, _ = harness.cache(block_size=8 * MiB, max_bytes=16 * MiB, max_dirty=8 * MiB,
+                                 stall_timeout=1.0)
+        waits = 0
+
+        async def no_wait() -> None:
+            nonlocal waits
+            waits += 1
+            raise AssertionError("a writer waited for cache space")
+
+        cache._wait_change = no_wait  # type: ignore[method-assign]
+        with trio.fail_after(60):
+            for i in range(nfiles):
+                entry = cache.entry(f"small/{i:04d}", None, 0)
+                cache.mark_pending(entry)
+                assert await cache.write(entry, 0, bytes([i % 251]) * size) == size
+                assert cache.used <= cache.max_bytes
+        assert waits == 0
+        assert cache.dirty_bytes == cache.used == nfiles * size  # 7.8 MiB, not 2000 x 8 MiB
+        check_accounting(cache)
+        cache.close()
+        reopened, pending = harness.cache(block_size=8 * MiB, max_bytes=16 * MiB, max_dirty=8 * MiB)
+        assert len(pending) == nfiles
+        assert reopened.used == reopened.dirty_bytes == nfiles * size
+        check_accounting(reopened)
+
+    run(main)
+
+
+@pytest.mark.backends("local")  # cache-only: the backend does not matter
+def test_growing_and_truncating_blocks_keep_charges_exact(harness: Harness, backend_name: str) -> None:
+    """Appends reserve their growth before writing; truncates give bytes back."""
+
+    async def main() -> None:
+        cache, _ = harness.cache(max_bytes=4 * BS, max_dirty=4 * BS)
+        entry = cache.entry("log", None, 0)
+        cache.mark_pending(entry)
+        for i in range(40):
+            await cache.write(entry, i * 100, b"x" * 100)
+            check_accounting(cache)
+        assert cache.used == cache.dirty_bytes == 4 * KiB
+        await cache.write(entry, 4 * KiB, b"y")  # one byte over a page: two pages
+        assert cache.used == cache.dirty_bytes == 8 * KiB
+        await cache.write(entry, BS + 10, b"z")  # block 1: a hole, then one byte
+        assert cache.used == 8 * KiB + 4 * KiB
+        await cache.write(entry, 2 * BS - 1, b"w")  # block 1 is now a full block file
+        assert cache.used == 8 * KiB + BS
+        check_accounting(cache)
+        await cache.truncate(entry, 5000)  # block 1 dropped, block 0 cut to 5000 bytes
+        assert cache.used == cache.dirty_bytes == 8 * KiB
+        await cache.truncate(entry, 10)
+        assert cache.used == cache.dirty_bytes == 4 * KiB
+        check_accounting(cache)
+        assert await cache.read(entry, 0, 100) == b"x" * 10
+
+    run(main)
+
+
+@pytest.mark.backends("local")  # cache-only: the backend does not matter
+def test_append_waits_for_room_and_keeps_the_bound(harness: Harness, backend_name: str) -> None:
+    """A write that grows a block file past its charge reserves first: used never passes max_bytes."""
+
+    async def main() -> None:
+        cache, _ = harness.cache(max_bytes=4 * BS, max_dirty=4 * BS, stall_timeout=0.5)
+        entries = []
+        for i in range(4):
+            e = cache.entry(f"f{i}", None, 0)
+            cache.mark_pending(e)
+            await cache.write(e, 0, b"a" * (BS - 8 * KiB))
+            entries.append(e)
+        assert cache.used == 4 * BS - 32 * KiB
+        # Growing f0 to a full block needs 8 KiB: there is room (32 KiB free).
+        await cache.write(entries[0], BS - 8 * KiB, b"b" * 8 * KiB)
+        check_accounting(cache)
+        for e in entries[1:]:
+            await cache.write(e, BS - 8 * KiB, b"b" * 8 * KiB)
+        assert cache.used == cache.max_bytes
+        # Everything is dirty and nothing uploads: the next growth waits, then gets ENOSPC,
+        # and the bound held; the reservation was given back.
+        e = cache.entry("f4", None, 0)
+        cache.mark_pending(e)
+        cache.max_dirty = 8 * BS
+        import errno
+        with pytest.raises(OSError) as exc:
+            await cache.write(e, 0, b"c")
+        assert exc.value.errno == errno.ENOSPC
+        assert cache.used == cache.max_bytes
+        check_accounting(cache)
 
     run(main)

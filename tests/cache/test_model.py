@@ -15,7 +15,7 @@ import trio
 from cloudfs.cache.block_cache import BlockCache, Entry
 from cloudfs.cache.uploader import Uploader
 
-from .conftest import BS, Harness, KiB, run
+from .conftest import BS, Harness, KiB, check_accounting, run
 
 pytestmark = pytest.mark.backends("local", "s3")
 
@@ -52,6 +52,7 @@ def test_random_ops_match_model(harness: Harness, backend_name: str, seed: int) 
                     uploader.schedule(entry)
             while len(log) < steps:
                 check(cache.used <= max_bytes, f"cache.used {cache.used} > {max_bytes}")
+                check_accounting(cache)
                 op = rng.choices(["write", "truncate", "read", "flush", "restart", "durable"],
                                  [40, 12, 25, 8, 6, 4])[0]
                 if op == "write":

@@ -8,8 +8,9 @@ import pytest
 import trio
 
 from cloudfs.cache.block_cache import BlockCache
+from cloudfs.cache.uploader import UPLOAD_KEY
 
-from .conftest import BS, Counter, Harness, KiB, MiB, pattern, run
+from .conftest import BS, Counter, Harness, KiB, MiB, check_accounting, pattern, run
 
 pytestmark = pytest.mark.backends("local", "s3")
 
@@ -129,6 +130,7 @@ def test_writers_block_on_dirty_budget_and_resume(harness: Harness, backend_name
         assert peak <= max_dirty
         assert await harness.get("stream") == data
         assert cache.dirty_bytes == 0
+        check_accounting(cache)
 
     run(main)
 
@@ -166,7 +168,9 @@ def test_crash_after_fsync_recovers_pending_upload(harness: Harness, backend_nam
         expect[BS + 10:BS + 17] = b"changed"
         assert await harness.get("old") == bytes(expect)
         assert await harness.get("dir/new") == b"brand new file"
-        assert (await harness.backend.head("dir/new")).metadata == {"mode": "33188"}
+        meta = (await harness.backend.head("dir/new")).metadata or {}
+        assert meta.pop(UPLOAD_KEY, None)  # the upload token stays on the object
+        assert meta == {"mode": "33188"}
         assert cache2.dirty_bytes == 0
         # No conflict copies: the recovered entries knew the version they were based on.
         assert await harness.keys() == ["dir/new", "old"]
@@ -434,8 +438,6 @@ def test_kill_after_extending_write_recovers_full_size(harness: Harness, backend
     run(main)
 
 
-@pytest.mark.xfail(strict=True, reason="the journal does not record an upload in flight: a kill after "
-                   "the server committed it but before mark_uploaded looks like another writer")
 def test_kill_after_server_commit_is_not_a_conflict(harness: Harness, backend_name: str) -> None:
     async def main() -> None:
         await harness.put("f", b"v1")
@@ -454,7 +456,89 @@ def test_kill_after_server_commit_is_not_a_conflict(harness: Harness, backend_na
         assert await harness.get("f") == b"v2"
         cache2, _ = harness.cache()
         await harness.uploader(cache2).flush_all()
-        assert await harness.keys() == ["f"]  # fails: f.conflict-... holds a second copy of v2
+        assert await harness.keys() == ["f"]  # no f.conflict-... with a second copy of v2
+        assert await harness.get("f") == b"v2"
+
+    run(main)
+
+
+def test_kill_after_server_commit_of_new_file_then_more_writes(harness: Harness,
+                                                               backend_name: str) -> None:
+    """A new file (no base) committed but not recorded, then written again after the restart:
+    the server's copy carries our token, so it is the base and the newer data goes on top."""
+    data = pattern(3 * BS + 10, seed=22)
+
+    async def main() -> None:
+        cache, _ = harness.cache()
+        uploader = harness.uploader(cache)
+        entry = cache.entry("n", None, 0)
+        cache.mark_pending(entry)
+        await cache.write(entry, 0, data)
+
+        def killed(*args: object) -> None:
+            raise KeyboardInterrupt
+
+        cache.mark_uploaded = killed  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            await uploader.flush(entry)
+        cache.close()
+        assert await harness.get("n") == data
+        cache2, pending = harness.cache()
+        assert [e.key for e in pending] == ["n"] and pending[0].upload_token
+        entry2 = pending[0]
+        await cache2.write(entry2, BS + 1, b"later")
+        await harness.uploader(cache2).flush_all()
+        expect = bytearray(data)
+        expect[BS + 1:BS + 6] = b"later"
+        assert await harness.keys() == ["n"]
+        assert await harness.get("n") == bytes(expect)
+        assert not entry2.pending and entry2.upload_token is None
+        cache2.close()
+        _, pending = harness.cache()
+        assert pending == []
+
+    run(main)
+
+
+def test_lost_reply_after_commit_is_not_a_conflict(harness: Harness, backend_name: str) -> None:
+    """The server committed our PUT but the reply was lost: the retry rebases, no conflict copy."""
+    base = pattern(2 * BS, seed=23)
+
+    async def main() -> None:
+        from cloudfs.backends.errors import BackendError
+
+        await harness.put("f", base)
+        cache, _ = harness.cache()
+        uploader = harness.uploader(cache)
+        conflicts: list[str] = []
+        uploader.on_conflict = lambda entry, saved_as: conflicts.append(saved_as)
+        entry = await harness.open_entry(cache, "f")
+        await cache.write(entry, 10, b"mine")
+        backend = harness.backend
+        for name in ("put", "mpu_complete"):  # small objects are multipart on local disk
+            orig = getattr(backend, name)
+
+            async def lossy(*args: object, _orig: object = orig, **kw: object) -> str:
+                await _orig(*args, **kw)  # type: ignore[operator]
+                raise BackendError("connection reset after the request was sent")
+
+            setattr(backend, name, lossy)
+        try:
+            with pytest.raises(BackendError):
+                await uploader.flush(entry)
+        finally:
+            del backend.put
+            del backend.mpu_complete
+        await cache.write(entry, BS + 3, b"more")
+        await uploader.flush(entry)
+        expect = bytearray(base)
+        expect[10:14] = b"mine"
+        expect[BS + 3:BS + 7] = b"more"
+        assert conflicts == []
+        assert await harness.keys() == ["f"]
+        assert await harness.get("f") == bytes(expect)
+        assert not entry.pending and cache.dirty_bytes == 0
+        check_accounting(cache)
 
     run(main)
 

@@ -280,8 +280,8 @@ class BlockCache:
 
     def _evict_one(self) -> bool:
         for (_eid, block), entry in self.lru.items():
-            if entry.uploading:
-                continue
+            if entry.uploading and not self.backend.capabilities.part_copy:
+                continue  # the upload reads clean blocks from their files (no server-side copy)
             self.stats["evictions"] += 1
             self._drop_blocks(entry, {block})
             return True

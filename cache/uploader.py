@@ -324,9 +324,11 @@ class Uploader:
         async with self.part_slots:
             bs = self.cache.block_size
             blocks = range(start // bs, (start + length - 1) // bs + 1)
+            # Unchanged ranges are copied server-side even when cached: cheaper than sending
+            # them again, and it lets the cache evict clean blocks while a big file uploads.
             copyable = (snap.base is not None and self.backend.capabilities.part_copy
                         and key == snap.key and start + length <= snap.fetch_limit
-                        and not any(b in entry.present or b in snap.dirty for b in blocks))
+                        and not any(b in snap.dirty for b in blocks))
             if copyable:
                 assert snap.base is not None
                 parts.append(await self.backend.mpu_part_copy(key, upload_id, number, snap.key, start,

@@ -363,7 +363,10 @@ def test_failed_part_is_retried_and_does_not_kill_the_uploader(harness: Harness,
     size = big_size(backend_name)
     data = pattern(size, seed=20)
 
+    part2 = 0
+
     async def main() -> None:
+        nonlocal part2
         cache, _ = harness.cache(max_bytes=512 * BS)
         uploader = harness.uploader(cache, delay=0.0)
         entry = cache.entry("big", None, 0)
@@ -400,7 +403,10 @@ def test_failed_part_is_retried_and_does_not_kill_the_uploader(harness: Harness,
             assert failures == 1
             assert await harness.get("big") == data
             # A direct flush reports a plain BackendError (what fsync/close turn into EIO).
-            await cache.write(entry, 0, b"again")
+            # Rewrite inside part 2: unchanged parts are copied server-side, so only a
+            # changed part goes through mpu_part (and fails).
+            part2 = uploader._part_size(size)
+            await cache.write(entry, part2, b"again")
             fail_next = 1
             with pytest.raises(BackendError, match="network is down"):
                 await uploader.flush(entry)
@@ -409,7 +415,7 @@ def test_failed_part_is_retried_and_does_not_kill_the_uploader(harness: Harness,
         finally:
             del harness.backend.mpu_part
         assert failures == 2
-        assert await harness.get("big") == b"again" + data[5:]
+        assert await harness.get("big") == data[:part2] + b"again" + data[part2 + 5:]
         assert await harness.keys() == ["big"]
 
     run(main)

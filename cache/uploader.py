@@ -72,6 +72,8 @@ class Uploader:
         self.tmp_dir = os.path.join(cache.dir, "tmp")
         # Called when an upload found the object changed by another writer (key, conflict key).
         self.on_conflict: Callable[[Entry, str], None] = lambda entry, saved_as: None
+        # Called after an upload stored the entry (the FS refreshes what it knows of the object).
+        self.on_uploaded: Callable[[Entry], None] = lambda entry: None
         self.uploaded_bytes = 0
         cache.on_pressure = self.pressure
         cache.adopt_own_upload = self.adopt_own_upload
@@ -217,6 +219,7 @@ class Uploader:
                     entry.upload_token = None  # journaled by mark_uploaded
                     self.cache.mark_uploaded(entry, etag, snap.size, snap.dirty,
                                              entry.trunc_low, snap.gen)
+                    self.on_uploaded(entry)
                 self.retry_at.pop(entry.id, None)
                 self.errors.pop(entry.id, None)
                 if not entry.pending:

@@ -200,7 +200,8 @@ def _serve(plan: MountPlan, ready_fd: int | None, detach: bool) -> int:
         uploader = Uploader(cache, plan.backend, delay=opts.writeback_delay, parallel_files=opts.transfers)
         fs = CloudFS(plan.backend, cache, uploader,
                      FsOptions(uid=opts.uid, gid=opts.gid, read_only=opts.read_only,
-                               attr_timeout=opts.attr_timeout, sync_upload=opts.sync_upload))
+                               attr_timeout=opts.attr_timeout, sync_upload=opts.sync_upload,
+                               dir_cache_time=opts.dir_cache_time))
         fsname = plan.backend.describe().replace(",", "_")
         fuse_opts = {f"fsname={fsname}", "subtype=cloudfs", "nosuid", "nodev", "default_permissions"}
         if opts.read_only:

@@ -83,6 +83,8 @@ class FsOptions:
     # Kernel attribute/entry caching, our metadata TTL, negative entries and how long a
     # complete directory listing answers "no such name" without asking the store.
     attr_timeout: float = 10.0
+    # How long a listing may reuse the metadata of an object whose ETag did not change.
+    dir_cache_time: float = 300.0
     sync_upload: bool = False
 
 
@@ -119,6 +121,7 @@ class CloudFS(pyfuse3.Operations):
         self._next_fh = 1
         self.head_limiter = trio.CapacityLimiter(32)
         uploader.on_conflict = self._on_conflict
+        uploader.on_uploaded = self._on_uploaded
 
     # ------------------------------------------------------------------ helpers
     def _decode(self, info: ObjectInfo | None, is_dir: bool, size: int = 0,
@@ -308,6 +311,14 @@ class CloudFS(pyfuse3.Operations):
                 node.entry.metadata = self._metadata(node)
         return node.entry
 
+    def _on_uploaded(self, entry: Entry) -> None:
+        # We just stored this object: what we know of it is fresh, no lookup needs the store.
+        node = self.nodes.get(entry.key)
+        if node is not None and entry.base is not None and not node.is_dir:
+            node.etag = entry.base.etag
+            node.remote = True
+            node.refreshed = time.monotonic()
+
     def _on_conflict(self, entry: Entry, saved_as: str) -> None:
         # The server's version keeps the name; drop our blocks and re-read it on next access.
         node = self.nodes.get(entry.key)
@@ -403,7 +414,7 @@ class CloudFS(pyfuse3.Operations):
         def known(o: ObjectInfo) -> bool:  # fresh and unchanged: its metadata is already here
             node = self.nodes.get(o.key)
             return (node is not None and node.etag == o.etag and not node.provisional
-                    and now - node.refreshed < self.opts.attr_timeout)
+                    and now - node.refreshed < self.opts.dir_cache_time)
 
         need_head = [o for o in page.objects if o.metadata is None and o.key != prefix and not known(o)]
         if need_head:

@@ -23,6 +23,8 @@ OPTIONS: dict[str, str] = {
     "max_dirty": "written-but-not-uploaded data before writers wait (default: half of cache_size)",
     "block_size": "cache block and multipart part size (default 8M)",
     "writeback_delay": "seconds after the last write before a file is uploaded, e.g. 5, 5s, 2m (default 5s)",
+    "dir_cache_time": "seconds a folder listing reuses the metadata of objects whose ETag is unchanged, "
+                      "so a repeated `ls -l` sends no HEAD requests (default 300)",
     "sync_upload": "fsync() and close() return only after the upload finished",
     "attr_timeout": "seconds metadata, missing names and folder listings are cached by cloudfs and "
                     "the kernel; changes by other tools show up after at most this (default 10)",
@@ -50,6 +52,7 @@ class MountOptions:
     writeback_delay: float = 5.0
     sync_upload: bool = False
     attr_timeout: float = 10.0
+    dir_cache_time: float = 300.0
     readahead: int = 4
     transfers: int = 4
     connections: int = 16
@@ -103,7 +106,7 @@ def parse(options: dict[str, str], backend_options: frozenset[str]) -> MountOpti
             setattr(m, name, _int(name, value))
         elif name in ("cache_size", "min_free", "max_dirty", "block_size"):
             setattr(m, name, _size(name, value))
-        elif name in ("writeback_delay", "attr_timeout", "timeout"):
+        elif name in ("writeback_delay", "attr_timeout", "timeout", "dir_cache_time"):
             setattr(m, name, _seconds(name, value))
         elif name in ("sync_upload", "debug"):
             setattr(m, name, value.lower() not in ("0", "false", "no"))

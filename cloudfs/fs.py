@@ -317,6 +317,7 @@ class CloudFS(pyfuse3.Operations):
         if node is not None and entry.base is not None and not node.is_dir:
             node.etag = entry.base.etag
             node.remote = True
+            node.attrs.size = entry.base.size
             node.refreshed = time.monotonic()
 
     def _on_conflict(self, entry: Entry, saved_as: str) -> None:
@@ -657,6 +658,7 @@ class CloudFS(pyfuse3.Operations):
             elif entry.pending:
                 self.uploader.schedule(entry)  # an NFS export only sends release
         if not node.opens and entry is not None and not entry.pending:
+            node.attrs.size = entry.size  # the size lived in the entry while it was attached
             node.entry = None
         self.nodes.forget(node.ino, 0)
 

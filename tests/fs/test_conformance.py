@@ -437,3 +437,14 @@ def test_read_only_mount(target: object, tmp_path: Path) -> None:
         assert exc.value.errno == errno.EROFS
     finally:
         ro.cleanup()
+
+
+def test_size_survives_upload_and_kernel_forget(mnt: Mount) -> None:
+    """After the upload and once the kernel forgot the inode, a fresh lookup has the right size."""
+    data = os.urandom(5000)
+    (mnt.path / "sized").write_bytes(data)
+    wait_for_object(mnt, "sized", 5000)
+    time.sleep(0.3)
+    Path("/proc/sys/vm/drop_caches").write_text("3")  # the kernel forgets dentries and inodes
+    assert (mnt.path / "sized").stat().st_size == 5000
+    assert (mnt.path / "sized").read_bytes() == data

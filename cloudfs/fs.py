@@ -296,7 +296,8 @@ class CloudFS(pyfuse3.Operations):
             node.etag = await self.backend.put(node.key, Payload.from_bytes(b""), meta)
             node.remote = True
         else:
-            await self.uploader.wait_idle(node.entry) if node.entry else None
+            if node.entry is not None:
+                await self.uploader.wait_idle(node.entry)
             node.etag = await self.backend.set_metadata(node.key, meta)
             if node.entry is not None and node.entry.base is not None:
                 node.entry.base = Remote(node.etag, node.entry.base.size)
@@ -712,9 +713,7 @@ class CloudFS(pyfuse3.Operations):
             if target.is_dir and not await self._dir_is_empty(new):
                 raise _fail(errno.ENOTEMPTY)
         if node.is_dir:
-            await self._rename_dir(old, new)
-            if target is not None:
-                await self.backend.delete(new + "/") if not node.remote else None
+            await self._rename_dir(old, new)  # its marker replaces an empty target's
         else:
             await self._rename_file(node, old, new, target)
         self.nodes.move(old, new)

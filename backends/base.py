@@ -114,10 +114,6 @@ class Payload:
             return open(self.path, "rb")
         return _RangeReader(self.path, self.offset, self.size)
 
-    def read_all(self) -> bytes:
-        with self.open() as f:
-            return f.read()
-
 
 class _RangeReader(io.RawIOBase):
     """A seekable read-only view of ``length`` bytes of a file starting at ``offset``."""

@@ -363,9 +363,6 @@ class BlockCache:
         return False
 
     # ------------------------------------------------------------------ blocks
-    def _block_len(self, entry: Entry, block: int) -> int:
-        return max(0, min(self.block_size, entry.size - block * self.block_size))
-
     async def ensure_block(self, entry: Entry, block: int, key: str | None = None) -> None:
         """Make the block present locally (fetch its remote part, zeros for the rest)."""
         if block in entry.present:

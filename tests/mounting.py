@@ -10,14 +10,14 @@ import sys
 import time
 from pathlib import Path
 
+from cloudfs.daemon import is_mounted
 from tests.servers import Target
 
 CLOUDFS = str(Path(sys.executable).with_name("cloudfs"))
 
 
 def mounted(path: Path) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == str(path) for line in f)
+    return is_mounted(str(path))  # the daemon's own check: one reading of mountinfo
 
 
 class Mount:

@@ -74,6 +74,8 @@ from .errors import (
     PermissionDenied,
     PreconditionFailed,
     Transient,
+    error_for_status,
+    retry_after,
 )
 
 log = logging.getLogger(__name__)
@@ -203,21 +205,14 @@ def _code_of(exc: Any) -> str:
     return str(code or "")
 
 
-def _retry_after(headers: Any) -> float | None:
-    if headers is None:
-        return None
-    ms = headers.get("x-ms-retry-after-ms")
-    try:
-        if ms:
-            return float(ms) / 1000
-        value = headers.get("Retry-After")
-        return float(value) if value else None
-    except ValueError:
-        return None
-
-
 def status_error(status: int | None, code: str, headers: Any, what: str, container: str) -> BackendError:
-    """The BackendError for an HTTP status and Azure error code (no SDK text in the message)."""
+    """The BackendError for an HTTP status and Azure error code (no SDK text in the message).
+
+    Azure's codes are mapped here; the rest goes to the shared ``error_for_status``.  A 409
+    is not a precondition failure on Azure unless its code says so: Azure answers 409 for
+    lease conflicts, archived blobs and containers changing state, none of which means
+    "someone else wrote this object".
+    """
     detail = f"HTTP {status}" + (f" {code}" if code else "")
     if code in ("ContainerNotFound", "ContainerBeingDeleted") and status == 404:
         return BucketNotFound(f"az: container {container!r} does not exist ({detail})")
@@ -228,13 +223,12 @@ def status_error(status: int | None, code: str, headers: Any, what: str, contain
                     "") or status == 401:
             return AuthenticationFailed(f"az: the account rejected the credentials ({detail})")
         return PermissionDenied(f"{what}: permission denied ({detail})")
-    if status == 412 or code in ("ConditionNotMet", "TargetConditionNotMet", "SourceConditionNotMet"):
+    if code in ("ConditionNotMet", "TargetConditionNotMet", "SourceConditionNotMet"):
         return PreconditionFailed(f"{what}: changed by someone else ({detail})")
     if status == 416:
         return BackendError(f"{what}: range not satisfiable ({detail})")
-    if status in (408, 429, 500, 502, 503, 504) or code in ("ServerBusy", "OperationTimedOut",
-                                                             "InternalError"):
-        return Transient(f"{what}: Azure is busy or failing ({detail})", _retry_after(headers))
+    if code in ("ServerBusy", "OperationTimedOut", "InternalError"):
+        return Transient(f"{what}: Azure is busy or failing ({detail})", retry_after(headers))
     if code in _LONG_CODES:
         return NameTooLong(f"{what}: name too long ({detail})")
     if code in _NAME_CODES:
@@ -245,7 +239,7 @@ def status_error(status: int | None, code: str, headers: Any, what: str, contain
         if code in ("ContainerBeingDeleted", "ContainerBeingCreated"):
             return Transient(f"{what}: container is changing state ({detail})")
         return BackendError(f"{what}: conflict ({detail})")
-    return BackendError(f"{what}: Azure request failed ({detail})")
+    return error_for_status(status, f"{what}: Azure request failed ({detail})", retry_after(headers))
 
 
 class AzureBackend(Backend):

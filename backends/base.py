@@ -19,6 +19,7 @@ import collections
 import functools
 import io
 import logging
+import mimetypes
 import os
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -247,6 +248,11 @@ class Backend:
 
     def close(self) -> None:
         """Release SDK clients and connection pools."""
+
+    def content_type(self, key: str) -> str:
+        """The Content-Type a new object is stored with: guessed from its name."""
+        guessed, _ = mimetypes.guess_type(key.rstrip("/"), strict=False)
+        return guessed or "application/octet-stream"
 
     # ------------------------------------------------------------------ plumbing
     def full_key(self, key: str) -> str:

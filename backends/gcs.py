@@ -56,9 +56,10 @@ from .errors import (
     ConfigError,
     InvalidName,
     NotFound,
-    PermissionDenied,
     PreconditionFailed,
     Transient,
+    error_for_status,
+    retry_after,
 )
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,8 @@ class GCSBackend(Backend):
     # ------------------------------------------------------------------ errors
     def _translate(self, exc: Exception) -> BackendError | None:
         if isinstance(exc, gexc.GoogleAPICallError):
-            return _by_status(exc.code, _message(exc), _retry_after(exc))
+            headers = getattr(getattr(exc, "response", None), "headers", None)
+            return _by_status(exc.code, _message(exc), headers)
         if isinstance(exc, _InvalidResponse):
             status = getattr(getattr(exc, "response", None), "status_code", None)
             return _by_status(status, "unexpected response from GCS", None)
@@ -416,28 +418,7 @@ def _message(exc: Any) -> str:
     return f"GCS: {msg}" if msg else f"GCS: HTTP {getattr(exc, 'code', '?')}"
 
 
-def _retry_after(exc: Any) -> float | None:
-    response = getattr(exc, "response", None)
-    value = getattr(response, "headers", {}).get("Retry-After") if response is not None else None
-    try:
-        return float(value) if value else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _by_status(status: int | None, message: str, retry_after: float | None) -> BackendError:
-    if status == 404:
-        return NotFound(message)
-    if status == 401:
-        return AuthenticationFailed(message)
-    if status == 403:
-        return PermissionDenied(message)
-    if status in (409, 412):
-        return PreconditionFailed(message)
-    if status in (408, 429) or (status is not None and status >= 500):
-        return Transient(message, retry_after)
+def _by_status(status: int | None, message: str, headers: Any) -> BackendError:
     if status == 400 and "name" in message.lower():
         return InvalidName(message)
-    if status is None:
-        return Transient(message)
-    return BackendError(message)
+    return error_for_status(status, message, retry_after(headers))

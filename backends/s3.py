@@ -36,6 +36,8 @@ from .errors import (
     PermissionDenied,
     PreconditionFailed,
     Transient,
+    error_for_status,
+    retry_after,
 )
 
 CHUNK = 1024 * 1024
@@ -55,7 +57,6 @@ _TRANSIENT = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable",
               "RequestTimeout", "RequestTimeTooSkewed", "Throttling", "ThrottlingException",
               "RequestLimitExceeded", "TooManyRequests", "429", "OperationAborted",
               "BadDigest", "IncompleteBody", "XAmzContentSHA256Mismatch"}
-_TRANSIENT_STATUS = {429, 500, 502, 503, 504}
 
 
 def _flag(value: str | None) -> bool | None:
@@ -219,14 +220,15 @@ class S3Backend(Backend):
                 return InvalidName(f"{where}: S3 cannot store this name")
             if code == "NotImplemented" or status == 501:
                 return NotSupported(f"{self.describe()}: operation not supported by this store ({code})")
-            if code in _TRANSIENT or status in _TRANSIENT_STATUS:
+            if code in _TRANSIENT:
                 return Transient(f"{where}: store busy or failing ({code or status})",
-                                 retry_after=_retry_after(meta.get("HTTPHeaders") or {}))
+                                 retry_after=retry_after(meta.get("HTTPHeaders") or {}))
             if code in ("PermanentRedirect", "301", "IllegalLocationConstraintException"):
                 region = (meta.get("HTTPHeaders") or {}).get("x-amz-bucket-region")
                 hint = f"; pass -o region={region}" if region else "; pass the bucket's -o region=NAME"
                 return ConfigError(f"s3://{self.bucket}: bucket is in another region{hint}")
-            return BackendError(f"{where}: S3 error {code or status}")
+            return error_for_status(status or None, f"{where}: S3 error {code or status}",
+                                    retry_after(meta.get("HTTPHeaders") or {}))
         if isinstance(exc, (bexc.NoCredentialsError, bexc.PartialCredentialsError)):
             return AuthenticationFailed(f"s3://{self.bucket}: no usable AWS credentials; {_CREDENTIAL_HINT}")
         if isinstance(exc, (bexc.ConnectionError, bexc.HTTPClientError)):
@@ -453,12 +455,3 @@ class S3Backend(Backend):
             if self._code(exc) not in ("NoSuchUpload", "404"):
                 raise
 
-
-def _retry_after(headers: dict[str, str]) -> float | None:
-    value = headers.get("retry-after") or headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None

@@ -28,7 +28,16 @@ from typing import Any, BinaryIO, TypeVar
 import tenacity
 import trio
 
-from .errors import BackendError, ConfigError, InvalidName, NameTooLong, NotSupported, Transient
+from .errors import (
+    AuthenticationFailed,
+    BackendError,
+    ConfigError,
+    InvalidName,
+    NameTooLong,
+    NotSupported,
+    TokenExpired,
+    Transient,
+)
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +188,10 @@ class Backend:
         # Requests sent, by operation (each retry attempt counts): for `cloudfs status` and tests.
         self.requests: collections.Counter[str] = collections.Counter()
         self.failures: collections.Counter[str] = collections.Counter()
+        # Re-authorization after TokenExpired: one at a time, and once per expiry however many
+        # requests saw it (each remembers the generation it was sent with).
+        self._auth_lock = trio.Lock()
+        self._auth_generation = 0
 
     @classmethod
     def from_url(cls, netloc: str, path: str, options: dict[str, str]) -> Backend:
@@ -246,6 +259,11 @@ class Backend:
     def _mpu_abort(self, key: str, upload_id: str) -> None:
         raise NotImplementedError
 
+    def _reauthorize(self) -> None:
+        """Get a fresh token after TokenExpired (blocking). Stores whose credentials do not
+        expire never raise TokenExpired and need not override this."""
+        raise AuthenticationFailed(f"{self.scheme}: the session expired and cannot be renewed")
+
     def close(self) -> None:
         """Release SDK clients and connection pools."""
 
@@ -280,11 +298,20 @@ class Backend:
             raise mapped from None  # drop the SDK traceback: it may hold signed URLs
 
     async def _call(self, fn: Callable[..., T], *args: Any, retry: bool = True) -> T:
-        """Run a primitive in a worker thread with the retry policy."""
+        """Run a primitive in a worker thread with the retry policy.
+
+        ``Transient`` errors are retried with capped exponential backoff and jitter, at least
+        as long as a ``Retry-After`` asked for; ``backoff=False`` ones at once.  A
+        ``TokenExpired`` re-authorizes first (once per call: a second one means the fresh
+        token is refused too, which is an authentication failure).
+        """
         policy = self.retry
+        op = getattr(fn, "__name__", "call").lstrip("_")
 
         def wait(state: tenacity.RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
+            if isinstance(exc, Transient) and not exc.backoff:
+                return 0.0
             delay = tenacity.wait_random_exponential(multiplier=policy.initial_delay,
                                                      max=policy.max_delay)(state)
             if isinstance(exc, Transient) and exc.retry_after:
@@ -293,8 +320,7 @@ class Backend:
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
-            log.warning("%s: %s failed (%s), retry %d/%d", self.describe(),
-                        getattr(fn, "__name__", "call").lstrip("_"), exc,
+            log.warning("%s: %s failed (%s), retry %d/%d", self.describe(), op, exc,
                         state.attempt_number, policy.attempts - 1)
 
         retrying = tenacity.AsyncRetrying(
@@ -305,18 +331,36 @@ class Backend:
             before_sleep=before_sleep,
             reraise=True,
         )
-        op = getattr(fn, "__name__", "call").lstrip("_")
+        renewed = False
         async for attempt in retrying:
             self.requests[op] += 1
+            generation = self._auth_generation
             with attempt:
-                with trio.fail_after(policy.call_timeout):
-                    try:
-                        return await trio.to_thread.run_sync(
-                            functools.partial(self._guard, fn, *args),
-                            limiter=self.limiter, abandon_on_cancel=True)
-                    except trio.TooSlowError:
-                        raise Transient(f"{self.scheme} call timed out") from None
+                try:
+                    with trio.fail_after(policy.call_timeout):
+                        try:
+                            return await trio.to_thread.run_sync(
+                                functools.partial(self._guard, fn, *args),
+                                limiter=self.limiter, abandon_on_cancel=True)
+                        except trio.TooSlowError:
+                            raise Transient(f"{self.scheme} call timed out") from None
+                except TokenExpired as exc:
+                    if renewed:
+                        raise AuthenticationFailed(f"{exc}; a fresh token was refused too") from None
+                    renewed = True
+                    await self._renew_auth(generation)
+                    raise
         raise AssertionError("unreachable")
+
+    async def _renew_auth(self, generation: int) -> None:
+        async with self._auth_lock:
+            if self._auth_generation != generation:
+                return  # another request renewed it meanwhile
+            log.info("%s: session expired, re-authorizing", self.describe())
+            self.requests["authorize"] += 1
+            await trio.to_thread.run_sync(functools.partial(self._guard, self._reauthorize),
+                                          abandon_on_cancel=True)
+            self._auth_generation += 1
 
     # ------------------------------------------------------------------ async face
     async def check(self) -> None:

@@ -70,9 +70,19 @@ class Transient(BackendError):
 
     errno = _errno.EIO
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, retry_after: float | None = None, *, backoff: bool = True) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        # False: the retry goes somewhere else (a fresh upload URL, a new token), so waiting
+        # would only add latency.
+        self.backoff = backoff
+
+
+class TokenExpired(Transient):
+    """The store's session token expired: the base re-authorizes once, then retries at once."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, backoff=False)
 
 
 class ConfigError(BackendError):

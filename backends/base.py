@@ -239,6 +239,15 @@ class Backend:
         """Delete one object. A missing object is not an error (deletes are idempotent)."""
         raise NotImplementedError
 
+    # A rename is a copy, then a delete of the source (no store renames atomically).  Stores
+    # whose large objects are manifests over shared segments (Swift SLO) copy the manifest
+    # and then delete only the old manifest, so the two halves are separate primitives.
+    def _copy_for_move(self, src: str, dst: str, metadata: dict[str, str] | None) -> str:
+        return self._copy(src, dst, metadata)
+
+    def _delete_after_move(self, key: str) -> None:
+        self._delete(key)
+
     def _delete_many(self, keys: list[str]) -> None:
         for key in keys:
             self._delete(key)
@@ -258,6 +267,10 @@ class Backend:
 
     def _mpu_abort(self, key: str, upload_id: str) -> None:
         raise NotImplementedError
+
+    def use_state_dir(self, path: str) -> None:
+        """Called once before ``check()`` with a private directory (0700, in the mount's cache
+        directory) where a backend may keep state across mounts, e.g. an account-info file."""
 
     def _reauthorize(self) -> None:
         """Get a fresh token after TokenExpired (blocking). Stores whose credentials do not
@@ -430,6 +443,15 @@ class Backend:
 
     async def delete(self, key: str) -> None:
         await self._call(self._delete, self.full_key(key))
+
+    async def move(self, src: str, dst: str, metadata: dict[str, str] | None = None) -> str:
+        """Give the object at ``src`` the name ``dst`` (server-side); returns the new ETag.
+        Not atomic: interrupted between the two requests, both names exist."""
+        self.validate_key(dst)
+        etag = await self._call(self._copy_for_move, self.full_key(src), self.full_key(dst),
+                                None if metadata is None else dict(metadata))
+        await self._call(self._delete_after_move, self.full_key(src))
+        return etag
 
     async def delete_many(self, keys: Iterable[str]) -> None:
         batch = [self.full_key(k) for k in keys]

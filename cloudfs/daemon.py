@@ -186,6 +186,9 @@ def _serve(plan: MountPlan, ready_fd: int | None, detach: bool) -> int:
 
     async def main() -> None:
         opts = plan.opts
+        state_dir = os.path.join(plan.cache_dir, "backend")
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        plan.backend.use_state_dir(state_dir)
         try:
             await plan.backend.check()
         except BackendError as exc:

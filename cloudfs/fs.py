@@ -731,9 +731,8 @@ class CloudFS(pyfuse3.Operations):
         if entry is not None and entry.pending:
             # Flush first: the object then exists and moves server-side like any other.
             await self.uploader.flush(entry)
-        node.etag = await self.backend.copy(old, new)
+        node.etag = await self.backend.move(old, new)
         node.remote = True
-        await self.backend.delete(old)
         if entry is not None and not entry.deleted:
             self.cache.rename(entry, new)
             if entry.base is not None:

@@ -15,9 +15,11 @@ lives here, once:
 
 from __future__ import annotations
 
+import bisect
 import collections
 import functools
 import io
+import itertools
 import logging
 import mimetypes
 import os
@@ -95,14 +97,17 @@ class Payload:
     """
 
     def __init__(self, data: bytes | None = None, path: str | None = None, offset: int = 0,
-                 length: int | None = None) -> None:
-        if (data is None) == (path is None):
-            raise ValueError("give either data or path")
+                 length: int | None = None, segments: list[Segment] | None = None) -> None:
+        if sum(x is not None for x in (data, path, segments)) != 1:
+            raise ValueError("give one of data, path or segments")
         self.data = data
         self.path = path
         self.offset = offset
+        self.segments = segments
         if data is not None:
             self.size = len(data)
+        elif segments is not None:
+            self.size = sum(s.length for s in segments)
         else:
             assert path is not None
             self.size = os.path.getsize(path) - offset if length is None else length
@@ -115,24 +120,46 @@ class Payload:
     def from_file(cls, path: str, offset: int = 0, length: int | None = None) -> Payload:
         return cls(path=path, offset=offset, length=length)
 
+    @classmethod
+    def from_segments(cls, segments: list[Segment]) -> Payload:
+        """Ranges of open files (and runs of zeros) read in order.  The payload owns the file
+        descriptors: ``close()`` closes them.  Opened before the upload, they keep their
+        content readable even if the files are unlinked meanwhile (a cache block evicted)."""
+        return cls(segments=segments)
+
+    def close(self) -> None:
+        for seg in self.segments or []:
+            if seg.fd is not None:
+                os.close(seg.fd)
+                seg.fd = None
+
     def open(self) -> BinaryIO:
         """A fresh reader positioned at the start of the payload."""
         if self.data is not None:
             return io.BytesIO(self.data)
+        if self.segments is not None:
+            return io.BufferedReader(_SegmentReader(self.segments, self.size))
         assert self.path is not None
         if self.offset == 0 and self.size == os.path.getsize(self.path):
             return open(self.path, "rb")
         return _RangeReader(self.path, self.offset, self.size)
 
 
-class _RangeReader(io.RawIOBase):
-    """A seekable read-only view of ``length`` bytes of a file starting at ``offset``."""
+@dataclass
+class Segment:
+    """``length`` bytes at ``offset`` of the open file ``fd``, or zeros when ``fd`` is None.
+    Bytes past the file's end read as zeros too (a block file holds a hole at its end)."""
 
-    def __init__(self, path: str, offset: int, length: int) -> None:
-        self._f = open(path, "rb")
-        self._start = offset
-        self._len = length
-        self._pos = 0
+    fd: int | None
+    offset: int
+    length: int
+
+
+class _View(io.RawIOBase):
+    """A seekable read-only stream of ``_size`` bytes; subclasses read at ``_pos``."""
+
+    _size = 0
+    _pos = 0
 
     def readable(self) -> bool:
         return True
@@ -144,12 +171,45 @@ class _RangeReader(io.RawIOBase):
         return self._pos
 
     def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._len}[whence]
-        self._pos = max(0, min(self._len, base + pos))
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, min(self._size, base + pos))
         return self._pos
 
+
+class _SegmentReader(_View):
+    def __init__(self, segments: list[Segment], size: int) -> None:
+        self._segments = segments
+        self._starts = list(itertools.accumulate((s.length for s in segments), initial=0))
+        self._size = size
+
     def readinto(self, b: Any) -> int:
-        n = min(len(b), self._len - self._pos)
+        if self._pos >= self._size:
+            return 0
+        i = bisect.bisect_right(self._starts, self._pos) - 1
+        seg = self._segments[i]
+        within = self._pos - self._starts[i]
+        n = min(len(b), seg.length - within)
+        if seg.fd is None:
+            data = bytes(n)
+        else:
+            data = os.pread(seg.fd, n, seg.offset + within)
+            if len(data) < n:
+                data += bytes(n - len(data))
+        b[:n] = data
+        self._pos += n
+        return n
+
+
+class _RangeReader(_View):
+    """``length`` bytes of a file starting at ``offset``."""
+
+    def __init__(self, path: str, offset: int, length: int) -> None:
+        self._f = open(path, "rb")
+        self._start = offset
+        self._size = length
+
+    def readinto(self, b: Any) -> int:
+        n = min(len(b), self._size - self._pos)
         if n <= 0:
             return 0
         data = os.pread(self._f.fileno(), n, self._start + self._pos)

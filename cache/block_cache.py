@@ -1,26 +1,39 @@
-"""The local block cache: file contents cut into fixed-size blocks kept on local disk.
+"""The local block cache: file contents cut into fixed-size blocks on local disk, and the
+owner of every :class:`~cloudfs.cache.file.File`'s state transitions.
 
-One *entry* per object key, in ``CACHE_DIR/entries/<sha256(key)>/``: block files ``b<N>``
-and the journal record ``state.json`` (:mod:`cloudfs.cache.journal`).  A block is either
+Storage is per file identity (``CACHE_DIR/files/<fid>/``: block files ``b<N>`` and the
+journal record ``state.json``), never per path.  A block is
 
-* absent: its bytes are fetched on demand with one ranged GET of the remote version
-  (``base``), or are zeros where the remote version never had them;
-* clean: a local copy of the remote version, evictable (LRU);
-* dirty: written locally, not yet uploaded, never evicted.
+* absent: fetched on demand with one ranged GET of the file's stored version (``base``),
+  zeros where that version never had bytes;
+* clean: a copy of the stored version, evictable (LRU);
+* dirty: written here and not yet uploaded, never evicted;
+* staged: sent as a part of the file's open multipart upload (clean and evictable; data
+  that is only in the open upload is reached by completing the upload first).
+
+Every state change is one method here, and each writes the journal record it affects
+before it returns, so what the FUSE layer acknowledges is on disk.  The cache knows
+nothing of the uploader: it calls ``on_dirty(file)`` when a file gains changes to upload,
+``on_pressure()`` when writers wait for space, and awaits ``complete_upload(file)`` when
+a read or write needs data that only an open multipart upload holds.
 
 The size bound is hard and byte-accurate: each block file is charged what it can occupy
 (its size rounded up to 4 KiB, at least 4 KiB), and the charge is reserved before the file
 is created or grown; if clean blocks cannot be evicted to make room, the caller waits until
-the uploader turns dirty blocks clean.  Writers also wait while the charges of dirty blocks
-would exceed ``max_dirty``.  The concurrency
-rules (what runs between awaits, the per-block locks) are in docs/concurrency.md.
+uploads turn dirty blocks clean.  Writers also wait while dirty charges would exceed
+``max_dirty``.
+
+Locking (single trio thread; see docs/concurrency.md): code between two awaits runs alone.
+``block_locks[(fid, block)]`` is held while a block is fetched or created; nothing else is
+awaited under it but the fetch limiter and the download.  After every await, a fetch
+re-checks the file's ``epoch`` and ``base``: a truncate, rebase or unlink may have happened
+while it waited, and then its bytes are thrown away.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import logging
 import os
 import shutil
@@ -28,20 +41,24 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import trio
 
+from cloudfs import layout
 from cloudfs.backends import Backend
-from cloudfs.backends.errors import BackendError, PreconditionFailed
+from cloudfs.backends.errors import BackendError, NotFound, PreconditionFailed
+from cloudfs.layout import Attrs
 
-from .journal import EntryState, fsync_dir, read_state, state_path, write_state
+from . import journal
+from .file import IN_TRANSIT, File, OpenUpload, Remote, StagedPart, Status
 from .multi_lock import MultiLock
 
 log = logging.getLogger(__name__)
 
-
 PAGE = 4096  # the accounting unit: a block file is charged its size rounded up to this
+# Metadata key carrying the upload token (lowercase; a valid Azure metadata name).
+UPLOAD_KEY = "cloudfs_upload"
 
 
 class CacheLocked(Exception):
@@ -53,82 +70,75 @@ class StaleError(BackendError):
 
 
 @dataclass
-class Remote:
-    """The remote version the clean blocks of an entry belong to."""
+class Snapshot:
+    """What an upload sends: the file as it was when the upload began."""
 
-    etag: str | None
+    key: str
     size: int
+    gen: int
+    dirty: dict[int, int]
+    base: Remote | None
+    fetch_limit: int
+    metadata: dict[str, str]
+    content_changed: bool  # False: only attributes changed (a metadata update suffices)
 
 
 @dataclass
-class Entry:
-    id: str
-    key: str
-    size: int
-    base: Remote | None
-    fetch_limit: int
-    dir: str
-    present: set[int] = field(default_factory=set)
-    dirty: dict[int, int] = field(default_factory=dict)  # block -> write generation
-    charged: dict[int, int] = field(default_factory=dict)  # present block -> bytes in BlockCache.used
-    metadata: dict[str, str] = field(default_factory=dict)
-    gen: int = 0
-    uploading: bool = False
-    deleted: bool = False
-    open_count: int = 0
-    last_write: float = 0.0
-    trunc_low: int = 0  # smallest size truncated to while an upload runs
-    read_end: int = -1  # where the last read ended, and where the current sequential run began
-    run_start: int = 0
-    pending: bool = False  # content or metadata differs from the remote object: upload it
-    upload_token: str | None = None  # journaled before an upload, sent in its metadata
-    journaled: bool = False  # state.json reflects the dirty set
-    idle: trio.Event = field(default_factory=trio.Event)  # set when no upload runs
+class Recovered:
+    """What ``BlockCache.open`` found in the journal."""
 
-    def block_path(self, block: int) -> str:
-        return os.path.join(self.dir, f"b{block}")
-
-    def state(self) -> EntryState:
-        return EntryState(self.key, self.size, self.base.etag if self.base else None,
-                          self.base.size if self.base else 0, self.fetch_limit,
-                          sorted(self.dirty), dict(self.metadata), self.pending, self.upload_token)
+    pending: list[File] = field(default_factory=list)  # changes to upload
+    deletions: list[File] = field(default_factory=list)  # unlinked while open: delete on the store
+    stale_uploads: list[tuple[str, str]] = field(default_factory=list)  # (key, upload id) to abort
 
 
-def entry_id(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()[:40]
+def _ignore(file: File) -> None:
+    pass
+
+
+def _nothing() -> None:
+    pass
+
+
+async def _no_open_uploads(file: File) -> None:
+    raise BackendError(f"{file.key}: data of an open upload is not readable here")
 
 
 class BlockCache:
     def __init__(self, backend: Backend, cache_dir: str, *, block_size: int, max_bytes: int,
                  max_dirty: int, min_free: int = 0, readahead_blocks: int = 4,
-                 stall_timeout: float = 600.0) -> None:
+                 stall_timeout: float = 600.0, store_identity: str | None = None,
+                 on_dirty: Callable[[File], None] = _ignore, on_pressure: Callable[[], None] = _nothing,
+                 complete_upload: Callable[[File], Awaitable[None]] = _no_open_uploads) -> None:
         self.backend = backend
         self.dir = cache_dir
-        self.entries_dir = os.path.join(cache_dir, "entries")
+        self.files_dir = os.path.join(cache_dir, "files")
         self.block_size = block_size
         self.max_bytes = max_bytes
         self.max_dirty = min(max_dirty, max_bytes)
         self.min_free = min_free
         self.readahead_blocks = readahead_blocks
         self.stall_timeout = stall_timeout
-        self.entries: dict[str, Entry] = {}  # by key; orphans (unlinked while open) are not here
-        self.lru: OrderedDict[tuple[str, int], Entry] = OrderedDict()  # clean blocks, oldest first
+        self.store_identity = store_identity or backend.describe()
+        self._on_dirty = on_dirty
+        self._on_pressure = on_pressure
+        self._complete_upload = complete_upload
+        self.by_key: dict[str, File] = {}  # the one linked File per key (unlinked ones are not here)
+        self.files: dict[str, File] = {}  # by fid: every File with storage, linked or not
+        self.pending: set[File] = set()  # files with changes the store does not have yet
+        self.lru: OrderedDict[tuple[str, int], File] = OrderedDict()  # clean blocks, oldest first
         self.used = 0  # bytes charged to block files, plus reservations in flight
         self.dirty_bytes = 0  # charges of the dirty blocks
         self.block_locks = MultiLock()
         self._changed = trio.Event()  # replaced each time space is freed / dirty bytes drop
         self.fetch_limiter = trio.CapacityLimiter(8)
-        self.on_pressure: Callable[[], None] = lambda: None  # uploader hook: upload now
-        # Uploader hook, for an entry with an upload token whose base is gone: rebase the entry
-        # on the object if it is our own unrecorded upload; True when it did.
-        self.adopt_own_upload: Callable[[Entry], Awaitable[bool]] = _never
-        self.stats = {"fetches": 0, "fetched_bytes": 0, "evictions": 0, "hits": 0}
+        self.stats = {"fetches": 0, "fetched_bytes": 0, "evictions": 0, "hits": 0, "lost_bytes": 0}
         self._lock_fd: int | None = None
 
     # ------------------------------------------------------------------ start-up
-    def open(self) -> list[Entry]:
-        """Lock the cache dir, load persisted entries; returns entries with pending uploads."""
-        os.makedirs(self.entries_dir, mode=0o700, exist_ok=True)
+    def open(self) -> Recovered:
+        """Lock the cache dir, check whose it is, load the journal."""
+        os.makedirs(self.files_dir, mode=0o700, exist_ok=True)
         os.chmod(self.dir, 0o700)
         fd = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -137,127 +147,346 @@ class BlockCache:
             os.close(fd)
             raise CacheLocked(f"cache directory {self.dir} is in use by another cloudfs mount") from None
         self._lock_fd = fd
-        pending = []
-        loaded: list[tuple[float, tuple[str, int], Entry]] = []
-        for name in os.listdir(self.entries_dir):
-            path = os.path.join(self.entries_dir, name)
-            state = read_state(path)
-            if state is None or name != entry_id(state.key):
-                shutil.rmtree(path, ignore_errors=True)  # orphan of an unlinked file, or torn
+        try:
+            recorded = journal.check_identity(self.dir, self.store_identity, self.block_size)
+        except BaseException:
+            self.close()
+            raise
+        if recorded != self.block_size:
+            log.warning("cache directory %s holds %d-byte blocks: using that block size, not %d",
+                        self.dir, recorded, self.block_size)
+            self.block_size = recorded
+        self._migrate_v1()
+        found = Recovered()
+        loaded: list[tuple[float, tuple[str, int], File]] = []
+        for fid in os.listdir(self.files_dir):
+            path = os.path.join(self.files_dir, fid)
+            record = journal.read_record(path)
+            if record is None or record.fid != fid:
+                shutil.rmtree(path, ignore_errors=True)  # storage of an unlinked file, or torn
                 continue
-            entry = Entry(name, state.key, state.size,
-                          Remote(state.base_etag, state.base_size) if state.base_etag else None,
-                          state.fetch_limit, path, metadata=state.metadata, pending=state.pending,
-                          upload_token=state.upload_token, journaled=True)
-            entry.idle.set()
-            for fname in os.listdir(path):
-                if fname.startswith("b") and fname[1:].isdigit():
-                    block = int(fname[1:])
-                    st = os.stat(os.path.join(path, fname))
-                    entry.present.add(block)
-                    entry.charged[block] = charge = self.charge(st.st_size)
-                    self.used += charge
-                    if block in state.dirty:
-                        entry.gen += 1
-                        entry.dirty[block] = entry.gen
-                        self.dirty_bytes += charge
-                    else:
-                        mtime = st.st_mtime
-                        loaded.append((mtime, (name, block), entry))
-                elif fname.endswith(".tmp"):
-                    os.unlink(os.path.join(path, fname))
-            # The record is rewritten when a block first turns dirty, not on every write that
-            # extends the file: after a crash the dirty blocks themselves tell the size.
-            for block in entry.dirty:
-                extent = block * self.block_size + os.path.getsize(entry.block_path(block))
-                entry.size = max(entry.size, extent)
-            self.entries[entry.key] = entry
-            if entry.pending:
-                pending.append(entry)
-        for _, k, entry in sorted(loaded, key=lambda t: t[0]):
-            self.lru[k] = entry
-        # The bound is hard from the start: a cache reopened with a smaller cache_size sheds its
-        # oldest clean blocks now (fix: it used to stay above max_bytes until blocks were dropped).
+            file = self._load(record, path, loaded)
+            if file.unlinked:
+                found.deletions.append(file)
+                continue
+            if file.key in self.by_key:  # two records claim one key: keep the pending one
+                other = self.by_key[file.key]
+                loser = other if file.pending and not other.pending else file
+                log.warning("%s: two cached versions; dropping the %s one", file.key, loser.status.value)
+                self._free(loser)
+                if loser is file:
+                    continue
+            self.by_key[file.key] = file
+            self._set_status(file, file.status)
+            if file.open_upload is not None and not file.pending:
+                found.stale_uploads.append((file.open_upload.key, file.open_upload.upload_id))
+                file.open_upload = None
+                file.staged.clear()
+                self._journal(file)
+            if file.pending:
+                found.pending.append(file)
+        for _, k, file in sorted(loaded, key=lambda t: t[0]):
+            if file.fid in self.files and k[1] in file.present and k[1] not in file.dirty:
+                self.lru[k] = file
+        # The bound is hard from the start: a cache reopened with a smaller cache_size sheds
+        # its oldest clean blocks now.
         while self.used > self.max_bytes and self._evict_one():
             pass
-        return pending
+        return found
+
+    def _load(self, record: journal.FileRecord, path: str,
+              loaded: list[tuple[float, tuple[str, int], File]]) -> File:
+        attrs = layout.decode(record.metadata, is_dir=False, size=record.size, server_mtime=None,
+                              default_uid=os.getuid(), default_gid=os.getgid())
+        base = Remote(record.base_etag, record.base_size) if record.base_etag is not None else None
+        status = Status.DIRTY if record.pending else Status.CLEAN
+        if record.delete_on_close is not None:
+            status = Status.UNLINKED
+        file = File(record.key, record.size, attrs, layout.foreign(record.metadata), base,
+                    record.fetch_limit, status=status, fid=record.fid, dir=path,
+                    upload_token=record.upload_token)
+        if record.delete_on_close is not None:
+            file.delete_on_close = Remote(**record.delete_on_close)
+        if record.open_upload is not None:
+            raw = dict(record.open_upload)
+            parts = {int(n): StagedPart(**p) for n, p in raw.pop("parts", {}).items()}
+            file.open_upload = OpenUpload(**raw, parts=parts)
+            file.staged = {int(b): n for b, n in record.staged.items()}
+        self.files[record.fid] = file
+        dirty = set(record.dirty)
+        for fname in os.listdir(path):
+            if fname.startswith("b") and fname[1:].isdigit():
+                block = int(fname[1:])
+                st = os.stat(os.path.join(path, fname))
+                file.present.add(block)
+                file.charged[block] = charge = self.charge(st.st_size)
+                self.used += charge
+                if block in dirty:
+                    file.gen += 1
+                    file.dirty[block] = file.gen
+                    self.dirty_bytes += charge
+                else:
+                    loaded.append((st.st_mtime, (record.fid, block), file))
+            elif fname.endswith(".tmp"):
+                os.unlink(os.path.join(path, fname))
+        # The record is rewritten when a block first turns dirty, not on every write that
+        # extends the file: after a crash the dirty blocks themselves tell the size.
+        for block in file.dirty:
+            extent = block * self.block_size + os.path.getsize(file.block_path(block))
+            file.size = max(file.size, extent)
+        file.gen += 1
+        return file
+
+    def _migrate_v1(self) -> None:
+        """Cache directories of format 1 kept ``entries/<sha256(key)>/``: give each a file id."""
+        old = os.path.join(self.dir, "entries")
+        if not os.path.isdir(old):
+            return
+        for name in os.listdir(old):
+            path = os.path.join(old, name)
+            raw = journal.read_json(os.path.join(path, "state.json"))
+            if not isinstance(raw, dict) or not isinstance(raw.get("key"), str):
+                continue
+            fid = uuid.uuid4().hex
+            record = journal.FileRecord(
+                fid=fid, key=raw["key"], size=int(raw.get("size", 0)), pending=bool(raw.get("pending")),
+                metadata=dict(raw.get("metadata") or {}), base_etag=raw.get("base_etag"),
+                base_size=int(raw.get("base_size", 0)), fetch_limit=int(raw.get("fetch_limit", 0)),
+                dirty=list(raw.get("dirty") or []), upload_token=raw.get("upload_token"))
+            journal.write_record(path, record, durable=True)
+            os.rename(path, os.path.join(self.files_dir, fid))
+        shutil.rmtree(old, ignore_errors=True)
+        journal.fsync_dir(self.files_dir)
 
     def close(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    # ------------------------------------------------------------------ entries
-    def entry(self, key: str, remote: Remote | None, size: int) -> Entry:
-        """The entry for ``key``, checked against the current remote version.
+    # ------------------------------------------------------------------ files and names
+    def file_for(self, key: str, remote: Remote, attrs: Attrs, foreign: dict[str, str]) -> File:
+        """The File for the stored object ``remote`` at ``key`` (found by a lookup or listing).
 
-        Clean blocks of an older remote version are dropped (another writer changed the
-        object); an entry with dirty blocks keeps them (the uploader detects the conflict).
+        A File with local changes wins until they are uploaded.  A clean one of the same
+        version is reused (its cached blocks stay valid) and takes the fresh attributes; one
+        of another version is superseded: old handles keep it, new ones get a new File.
         """
-        entry = self.entries.get(key)
-        if entry is not None:
-            if not entry.pending and not entry.uploading and remote is not None and (
-                    entry.base is None or entry.base.etag != remote.etag):
-                self._drop_blocks(entry, set(entry.present))
-                entry.base = remote
-                entry.size = remote.size
-                entry.fetch_limit = remote.size
-                self._journal(entry)
-            return entry
-        path = os.path.join(self.entries_dir, entry_id(key))
-        shutil.rmtree(path, ignore_errors=True)
+        file = self.by_key.get(key)
+        if file is not None:
+            if file.pending:
+                file.refreshed = time.monotonic()
+                return file
+            if file.base is not None and file.base.etag == remote.etag:
+                file.attrs, file.foreign, file.refreshed = attrs, dict(foreign), time.monotonic()
+                return file
+            self._unlink(file)
+        file = File(key, remote.size, attrs, dict(foreign), remote, remote.size)
+        self.by_key[key] = file
+        return file
+
+    def new_file(self, key: str, attrs: Attrs) -> File:
+        """A new, empty file created here: storage now, pending upload, journaled."""
+        old = self.by_key.get(key)
+        if old is not None:
+            self._unlink(old)
+        file = File(key, 0, attrs, {}, None, 0)
+        self._set_status(file, Status.DIRTY)
+        self.by_key[key] = file
+        self._attach(file)
+        self._changed_now(file)
+        return file
+
+    def forget(self, file: File) -> None:
+        """Nothing in memory refers to ``file`` any more (its inode was dropped).
+
+        A file without storage is forgotten; one with storage stays, its clean blocks
+        serving the next open of the same version.
+        """
+        if file.fid is None and not file.pending and self.by_key.get(file.key) is file:
+            del self.by_key[file.key]
+
+    def absent(self, key: str) -> None:
+        """The store has no object at ``key`` (a lookup said so): drop a clean stored File."""
+        file = self.by_key.get(key)
+        if file is not None and not file.pending:
+            self._unlink(file)
+
+    def rename(self, file: File, new_key: str, base: Remote | None = None) -> None:
+        """``file`` is now stored under ``new_key`` (after the store moved its object, whose
+        new version is ``base``).  Whatever was at ``new_key`` must be unlinked first."""
+        assert new_key not in self.by_key or self.by_key[new_key] is file, new_key
+        if self.by_key.get(file.key) is file:
+            del self.by_key[file.key]
+        file.key = new_key
+        if base is not None:
+            file.base = base
+        self.by_key[new_key] = file
+        self._journal(file)
+
+    def unlink(self, file: File, delete_on_close: Remote | None = None) -> None:
+        """No name refers to ``file`` any more: its pending changes are never uploaded, its
+        storage lives until the last handle closes.  ``delete_on_close``: the stored object
+        is deleted only then (it still holds data the open handles may read); journaled, so
+        a crash before that deletes it on the next mount."""
+        assert not file.uploading, "wait for file.idle first"
+        self._unlink(file)
+        if delete_on_close is not None and file.fid is not None:
+            file.delete_on_close = delete_on_close
+            self._journal(file)
+
+    def _unlink(self, file: File) -> None:
+        if self.by_key.get(file.key) is file:
+            del self.by_key[file.key]
+        file.staged.clear()  # the caller gave the open upload up (Uploader.discard)
+        file.open_upload = None
+        self._set_status(file, Status.UNLINKED)
+        file.epoch += 1
+        file.idle.set()
+        if file.fid is not None:
+            journal.remove(journal.record_path(file.dir), durable=False)
+            if not file.opens:
+                self._free(file)
+
+    def _set_status(self, file: File, status: Status) -> None:
+        """The one place a File's status changes (``pending`` follows it)."""
+        file.status = status
+        if file.pending:
+            self.pending.add(file)
+        else:
+            self.pending.discard(file)
+
+    def open_handle(self, file: File) -> None:
+        """A handle opened ``file``: give it storage if it has none yet."""
+        file.opens += 1
+        if file.fid is None and not file.unlinked:
+            self._attach(file)
+
+    def close_handle(self, file: File) -> Remote | None:
+        """A handle closed.  Returns the stored version to delete now, if the file was
+        unlinked while open and this was its last handle (then call ``deleted``)."""
+        file.opens -= 1
+        if file.opens or not file.unlinked:
+            return None
+        if file.delete_on_close is not None:
+            return file.delete_on_close
+        self._free(file)
+        return None
+
+    def deleted(self, file: File) -> None:
+        """The store no longer has ``file``'s deferred-delete version: free its storage."""
+        file.delete_on_close = None
+        self._free(file)
+
+    def _attach(self, file: File) -> None:
+        fid = uuid.uuid4().hex
+        path = os.path.join(self.files_dir, fid)
         os.makedirs(path, mode=0o700)
-        entry = Entry(entry_id(key), key, size if remote is None else remote.size, remote,
-                      remote.size if remote else 0, path)
-        entry.idle.set()
-        self.entries[key] = entry
-        self._journal(entry)
-        return entry
+        file.fid, file.dir = fid, path
+        self.files[fid] = file
+        self._journal(file)
 
-    def _journal(self, entry: Entry, durable: bool = False) -> None:
-        if entry.deleted:
+    def _free(self, file: File) -> None:
+        if file.fid is None:
             return
-        write_state(entry.dir, entry.state(), durable)
-        entry.journaled = True
+        self._drop_blocks(file, set(file.present))
+        shutil.rmtree(file.dir, ignore_errors=True)
+        self.files.pop(file.fid, None)
+        file.fid, file.dir = None, ""
+        if self.by_key.get(file.key) is file and not file.pending:
+            del self.by_key[file.key]
 
-    def rename(self, entry: Entry, new_key: str) -> None:
-        """Move an entry to a new key (the object was renamed). Replaces any entry there."""
-        old = self.entries.pop(new_key, None)
-        if old is not None and old is not entry:
-            self.discard(old)
-        self.entries.pop(entry.key, None)
-        new_dir = os.path.join(self.entries_dir, entry_id(new_key))
-        shutil.rmtree(new_dir, ignore_errors=True)
-        os.rename(entry.dir, new_dir)
-        for block in entry.present:
-            self.lru.pop((entry.id, block), None)
-        entry.id, entry.key, entry.dir = entry_id(new_key), new_key, new_dir
-        for block in entry.present - set(entry.dirty):
-            self.lru[(entry.id, block)] = entry
-        self.entries[new_key] = entry
-        self._journal(entry)
+    # ------------------------------------------------------------------ attributes
+    def set_attrs(self, file: File, attrs: Attrs) -> None:
+        """New mode/owner/times/xattrs: journaled, and uploaded with the file (an object whose
+        content did not change gets a metadata update only)."""
+        file.attrs = attrs
+        file.ctime_ns = time.time_ns()
+        self._changed_now(file)
 
-    def discard(self, entry: Entry) -> None:
-        """Forget an entry and its blocks (the object was deleted)."""
-        if self.entries.get(entry.key) is entry:
-            del self.entries[entry.key]
-        entry.deleted = True
-        self._drop_blocks(entry, set(entry.present))
-        shutil.rmtree(entry.dir, ignore_errors=True)
+    def metadata(self, file: File) -> dict[str, str]:
+        """What to store with the object: other tools' keys, then cloudfs's."""
+        return {**file.foreign, **layout.encode(file.attrs)}
+
+    def _changed_now(self, file: File, journal: bool = True) -> None:
+        """``file`` changed (content or attributes): it must be uploaded, and the journal says so
+        (the record is rewritten when the change is in it, or when the file turns pending)."""
+        file.gen += 1
+        file.last_change = time.monotonic()
+        if file.unlinked:
+            return
+        if file.status is Status.CLEAN:
+            self._set_status(file, Status.DIRTY)
+            journal = True
+        elif file.status is Status.UPLOADING:
+            self._set_status(file, Status.UPLOADING_DIRTY)
+        if file.fid is None:
+            self._attach(file)
+        elif journal:
+            self._journal(file)
+        self._on_dirty(file)
+
+    # ------------------------------------------------------------------ journal
+    def _record(self, file: File) -> journal.FileRecord:
+        assert file.fid is not None
+        return journal.FileRecord(
+            fid=file.fid, key=file.key, size=file.size, pending=file.pending, metadata=self.metadata(file),
+            base_etag=file.base.etag if file.base else None, base_size=file.base.size if file.base else 0,
+            fetch_limit=file.fetch_limit, dirty=sorted(file.dirty),
+            staged={str(b): n for b, n in file.staged.items()}, upload_token=file.upload_token,
+            open_upload=asdict(file.open_upload) if file.open_upload else None,
+            delete_on_close=asdict(file.delete_on_close) if file.delete_on_close else None)
+
+    def _journal(self, file: File, durable: bool = False) -> None:
+        if file.fid is None or (file.unlinked and file.delete_on_close is None):
+            return
+        journal.write_record(file.dir, self._record(file), durable)
+
+    async def make_durable(self, file: File) -> None:
+        """fsync the dirty blocks and the journal record: the data survives a power loss."""
+        if file.fid is None or file.unlinked:
+            return
+        blocks = [file.block_path(b) for b in file.dirty]
+        record = self._record(file)
+        path = file.dir
+
+        def sync() -> None:
+            for block_path in blocks:
+                try:
+                    fd = os.open(block_path, os.O_RDONLY)
+                except FileNotFoundError:
+                    continue  # dropped by a truncate meanwhile: the record written later covers it
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            try:
+                journal.write_record(path, record, durable=True)
+            except FileNotFoundError:
+                pass  # the file was unlinked meanwhile: nothing left to make durable
+
+        # The record is built here, on the trio thread, and written in the worker: a newer
+        # record written meanwhile by _journal() may be replaced by this one, which is
+        # rewritten below if the file changed while the worker ran.
+        gen = file.gen
+        await trio.to_thread.run_sync(sync)
+        if file.gen != gen and file.fid is not None and not file.unlinked:
+            self._journal(file)
+        journal.fsync_dir(self.files_dir)
 
     # ------------------------------------------------------------------ space
-    def _drop_blocks(self, entry: Entry, blocks: set[int]) -> None:
+    def _drop_blocks(self, file: File, blocks: set[int]) -> None:
         for block in blocks:
-            if block not in entry.present:
+            if block not in file.present:
                 continue
-            entry.present.discard(block)
-            self.lru.pop((entry.id, block), None)
-            charge = entry.charged.pop(block, 0)
-            if entry.dirty.pop(block, None) is not None:
+            file.present.discard(block)
+            assert file.fid is not None
+            self.lru.pop((file.fid, block), None)
+            charge = file.charged.pop(block, 0)
+            if file.dirty.pop(block, None) is not None:
                 self.dirty_bytes -= charge
             self.used -= charge
             try:
-                os.unlink(entry.block_path(block))
+                os.unlink(file.block_path(block))
             except FileNotFoundError:
                 pass
         self._wake()
@@ -272,18 +501,16 @@ class BlockCache:
         Back-pressure, not a hang: if nothing frees space for ``stall_timeout`` seconds
         (uploads keep failing, e.g. the store is unreachable), the writer gets ENOSPC.
         """
-        self.on_pressure()
+        self._on_pressure()
         with trio.move_on_after(self.stall_timeout) as scope:
             await self._changed.wait()
         if scope.cancelled_caught:
             raise OSError(errno.ENOSPC, f"cache full and no upload finished in {self.stall_timeout:.0f}s")
 
     def _evict_one(self) -> bool:
-        for (_eid, block), entry in self.lru.items():
-            if entry.uploading and not self.backend.capabilities.part_copy:
-                continue  # the upload reads clean blocks from their files (no server-side copy)
+        for (_fid, block), file in self.lru.items():
             self.stats["evictions"] += 1
-            self._drop_blocks(entry, {block})
+            self._drop_blocks(file, {block})
             return True
         return False
 
@@ -315,108 +542,109 @@ class BlockCache:
         self.used -= nbytes
         self._wake()
 
-    async def wait_dirty_budget(self, entry: Entry, block: int, end: int, empty: bool) -> None:
+    async def _wait_dirty_budget(self, file: File, block: int, end: int, empty: bool) -> None:
         """Wait while the bytes a write ending at ``end`` within ``block`` adds to ``dirty_bytes``
-        would exceed ``max_dirty`` (never when nothing is dirty: a write always progresses).
-
-        Re-computed after each wait: an upload may have turned the block clean meanwhile.
-        """
-        while (n := self._dirty_growth(entry, block, end, empty)) and self.dirty_bytes and (
+        would exceed ``max_dirty`` (never when nothing is dirty: a write always progresses)."""
+        while (n := self._dirty_growth(file, block, end, empty)) and self.dirty_bytes and (
                 self.dirty_bytes + n > self.max_dirty):
             await self._wait_change()
 
-    def _dirty_growth(self, entry: Entry, block: int, end: int, empty: bool) -> int:
-        """What a write ending at ``end`` within ``block`` adds to ``dirty_bytes``; ``empty``:
-        an absent block starts empty instead of being fetched."""
+    def _dirty_growth(self, file: File, block: int, end: int, empty: bool) -> int:
         need = self.charge(end)
-        if block in entry.dirty:
-            return max(0, need - entry.charged.get(block, 0))
-        if block in entry.present:
-            return max(need, entry.charged.get(block, 0))
+        if block in file.dirty:
+            return max(0, need - file.charged.get(block, 0))
+        if block in file.present:
+            return max(need, file.charged.get(block, 0))
         remote = 0
-        if not empty and entry.base is not None:
-            remote = min(self.block_size, entry.fetch_limit - block * self.block_size)
+        if not empty and file.base is not None:
+            remote = min(self.block_size, file.fetch_limit - block * self.block_size)
         return max(need, self.charge(remote))
 
-    async def _grow(self, entry: Entry, block: int, length: int) -> bool:
+    async def _grow(self, file: File, block: int, length: int) -> bool:
         """Make the present block's charge cover a file of ``length`` bytes.
 
         True when it already did; False after an await (the caller re-checks: the block may
         have been dropped meanwhile).
         """
-        need = self.charge(length) - entry.charged.get(block, 0)
+        need = self.charge(length) - file.charged.get(block, 0)
         if need <= 0:
             return True
-        # Not evictable while we wait for room (reserve() evicts from the LRU).
-        pinned = self.lru.pop((entry.id, block), None) is not None
+        assert file.fid is not None
+        key = (file.fid, block)
+        pinned = self.lru.pop(key, None) is not None  # not evictable while we wait for room
         try:
             await self.reserve(need)
         finally:
-            if pinned and block in entry.present and block not in entry.dirty and not entry.deleted:
-                self.lru[(entry.id, block)] = entry
-        if block in entry.present and not entry.deleted:
-            entry.charged[block] = entry.charged.get(block, 0) + need
-            if block in entry.dirty:
+            if pinned and block in file.present and block not in file.dirty and file.fid == key[0]:
+                self.lru[key] = file
+        if block in file.present and file.fid == key[0]:
+            file.charged[block] = file.charged.get(block, 0) + need
+            if block in file.dirty:
                 self.dirty_bytes += need
         else:
             self._unreserve(need)
         return False
 
     # ------------------------------------------------------------------ blocks
-    async def ensure_block(self, entry: Entry, block: int, key: str | None = None) -> None:
-        """Make the block present locally (fetch its remote part, zeros for the rest)."""
-        if block in entry.present:
+    def _needs_open_upload(self, file: File, block: int) -> bool:
+        return block in file.staged and block not in file.present
+
+    async def ensure_block(self, file: File, block: int) -> None:
+        """Make the block present locally (fetch its stored part, zeros for the rest)."""
+        if block in file.present:
             self.stats["hits"] += 1
             return
-        async with self.block_locks((entry.id, block)):
-            while block not in entry.present and not entry.deleted:
-                base = entry.base
+        if file.fid is None:
+            self._attach(file)
+        while self._needs_open_upload(file, block) and not file.unlinked:
+            await self._complete_upload(file)
+        fid = file.fid
+        async with self.block_locks((fid, block)):
+            while block not in file.present and file.fid == fid:
+                base = file.base
                 try:
-                    await self._fetch_block(entry, block, key)
+                    await self._fetch_block(file, block)
                 except StaleError:
-                    # Fix: our own upload replaces the object before mark_uploaded() moves
-                    # entry.base to the new version; a cold read or a merging write in that
-                    # window got ESTALE.  Wait for the upload, then fetch from the new base.
-                    if entry.base is base and not entry.uploading:
-                        # Our last upload may have been committed but not recorded (killed,
-                        # or the reply was lost): then the object is our own, fetch from it.
-                        if entry.upload_token and await self.adopt_own_upload(entry) and (
-                                entry.base is not base):
+                    if file.base is not base:
+                        continue  # rebased meanwhile (our own upload finished): fetch from the new base
+                    if file.uploading:
+                        await file.idle.wait()  # our own upload is replacing the object right now
+                        if file.base is not base:
                             continue
-                        raise
-                    while entry.uploading:
-                        await entry.idle.wait()
-                    if entry.base is base:
-                        raise  # the upload failed: the object was changed by someone else
+                    if file.upload_token and await self._adopt_own_upload(file) and file.base is not base:
+                        continue
+                    raise
 
-    async def _fetch_block(self, entry: Entry, block: int, key: str | None) -> None:
-        """ensure_block()'s work, under the block lock."""
+    async def _fetch_block(self, file: File, block: int) -> None:
+        """ensure_block()'s work, under the block lock.  Returns without making the block
+        present if the file changed under it (the caller loops)."""
         start = block * self.block_size
         charge = 0
         while True:
-            remote_len = max(0, min(self.block_size, entry.fetch_limit - start))
-            if remote_len and entry.base is None:
-                remote_len = 0
+            remote_len = max(0, min(self.block_size, file.fetch_limit - start)) if file.base else 0
             if self.charge(remote_len) <= charge:
                 break
             if charge:
                 self._unreserve(charge)  # fetch_limit grew while we waited (an upload finished)
             charge = self.charge(remote_len)
             await self.reserve(charge)
-        path = entry.block_path(block)
+        epoch, base, fid = file.epoch, file.base, file.fid
+        path = file.block_path(block)
         try:
-            if remote_len and entry.base is not None:
+            if remote_len and base is not None:
                 tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
                 try:
                     async with self.fetch_limiter:
                         with open(tmp, "wb", opener=_private) as f:
-                            await self.backend.download(key or entry.key, f, start, remote_len,
-                                                        if_match=entry.base.etag)
+                            await self.backend.download(file.key, f, start, remote_len, if_match=base.etag)
                     if os.path.getsize(tmp) != remote_len:
-                        raise StaleError(f"{entry.key}: object is shorter than expected")
+                        raise StaleError(f"{file.key}: object is shorter than expected")
+                    if file.epoch != epoch or file.base is not base or file.fid != fid:
+                        self._unreserve(charge)
+                        return  # truncated, rebased or unlinked meanwhile: these bytes are stale
                     os.rename(tmp, path)
-                except PreconditionFailed:
-                    raise StaleError(f"{entry.key}: changed on the server; reopen it") from None
+                except (PreconditionFailed, NotFound):
+                    raise StaleError(f"{file.key}: changed on the server; reopen it") from None
                 finally:
                     if os.path.exists(tmp):
                         os.unlink(tmp)
@@ -427,209 +655,319 @@ class BlockCache:
         except BaseException:
             self._unreserve(charge)
             raise
-        if entry.deleted:  # unlinked while we fetched
-            self._unreserve(charge)
-            return
-        entry.present.add(block)
-        entry.charged[block] = charge
-        self.lru[(entry.id, block)] = entry
+        self._add_present(file, block, charge)
 
-    def _touch(self, entry: Entry, block: int) -> None:
-        k = (entry.id, block)
+    def _add_present(self, file: File, block: int, charge: int) -> None:
+        assert file.fid is not None
+        file.present.add(block)
+        file.charged[block] = charge
+        self.lru[(file.fid, block)] = file
+
+    async def _adopt_own_upload(self, file: File) -> bool:
+        """The file's base is gone: if the object carries our journaled upload token, it is our
+        own upload, committed but not recorded (killed, or the reply lost); take it as base."""
+        token = file.upload_token
+        try:
+            info = await self.backend.head(file.key)
+        except NotFound:
+            return False
+        if file.uploading or file.unlinked or file.upload_token != token or not carries(info.metadata, token):
+            return False
+        self.rebase_on_own_upload(file, Remote(info.etag, info.size))
+        return True
+
+    def rebase_on_own_upload(self, file: File, remote: Remote) -> None:
+        """Take ``remote``, our own committed but unrecorded upload, as the base.
+
+        It holds the snapshot of that upload: at every byte below the fetch limit that is not
+        in a local block it equals the old base, so uncached bytes can be fetched from it.
+        The file stays pending: the local content is sent again.
+        """
+        log.info("%s: the server has our interrupted upload; continuing from it", file.key)
+        file.base = remote
+        file.fetch_limit = min(file.fetch_limit, remote.size)
+        self._journal(file)
+
+    def _touch(self, file: File, block: int) -> None:
+        k = (file.fid or "", block)
         if k in self.lru:
             self.lru.move_to_end(k)
 
-    async def read(self, entry: Entry, offset: int, size: int) -> bytes:
-        end = min(offset + size, entry.size)
+    async def read(self, file: File, offset: int, size: int) -> bytes:
+        end = min(offset + size, file.size)
         out = bytearray()
         pos = offset
         while pos < end:
             block, within = divmod(pos, self.block_size)
             n = min(self.block_size - within, end - pos)
-            await self.ensure_block(entry, block)
-            fd = os.open(entry.block_path(block), os.O_RDONLY)
+            await self.ensure_block(file, block)
+            end = min(end, file.size)  # a truncate may have run while we waited
+            n = min(n, end - pos)
+            if n <= 0:
+                break
+            if block not in file.present:
+                continue
+            fd = os.open(file.block_path(block), os.O_RDONLY)
             try:
                 data = os.pread(fd, n, within)
             finally:
                 os.close(fd)
             if len(data) < n:
                 data += bytes(n - len(data))  # hole: zeros past the end of the block file
-            self._touch(entry, block)
+            self._touch(file, block)
             out += data
             pos += n
         return bytes(out)
 
-    def prefetch_range(self, entry: Entry, offset: int) -> list[int]:
+    def prefetch_range(self, file: File, offset: int, blocks: int | None = None) -> list[int]:
         """Blocks worth fetching ahead of a sequential reader at ``offset``."""
         first = offset // self.block_size + 1
-        last = min((entry.size - 1) // self.block_size if entry.size else -1,
-                   first + self.readahead_blocks - 1)
+        last = min((file.size - 1) // self.block_size if file.size else -1,
+                   first + (self.readahead_blocks if blocks is None else blocks) - 1)
         return [b for b in range(first, last + 1)
-                if b not in entry.present and b * self.block_size < entry.fetch_limit
-                and not self.block_locks.locked((entry.id, b))]
+                if b not in file.present and b * self.block_size < file.fetch_limit
+                and b not in file.staged and not self.block_locks.locked((file.fid, b))]
 
-    async def write(self, entry: Entry, offset: int, data: bytes | memoryview) -> int:
+    async def write(self, file: File, offset: int, data: bytes | memoryview) -> int:
         pos, view = offset, memoryview(data)
         while view:
             block, within = divmod(pos, self.block_size)
             n = min(self.block_size - within, len(view))
-            covers = within == 0 and (n == self.block_size or pos + n >= entry.size)
-            await self.wait_dirty_budget(entry, block, within + n,
-                                         covers or block * self.block_size >= entry.fetch_limit)
-            covers = within == 0 and (n == self.block_size or pos + n >= entry.size)  # after the wait
+            while block in file.staged:
+                await self._unstage(file, block)
+            empty = self._covers(file, pos, n) or block * self.block_size >= file.fetch_limit
+            await self._wait_dirty_budget(file, block, within + n, empty)
             # The block file's charge covers what it will hold after the write *before* the
             # write: used <= max_bytes at all times.  Each await may drop the block (truncate,
             # eviction, unlink): loop until it is present with a sufficient charge.
-            while not entry.deleted:
-                if block not in entry.present:
-                    if covers or block * self.block_size >= entry.fetch_limit:
-                        # Nothing remote to merge with: start an empty block.
-                        await self.ensure_block_empty(entry, block)
+            while True:
+                if file.fid is None:
+                    self._attach(file)
+                if block not in file.present:
+                    if self._covers(file, pos, n) or block * self.block_size >= file.fetch_limit:
+                        await self._ensure_block_empty(file, block)  # nothing stored to merge with
                     else:
-                        await self.ensure_block(entry, block)
-                elif await self._grow(entry, block, within + n):
+                        await self.ensure_block(file, block)
+                elif await self._grow(file, block, within + n):
                     break
             # Journal the block as dirty *before* changing its file: killed in between, a
-            # clean-looking block file with new bytes would pass for a copy of the remote
-            # version and never be uploaded (fix; a dirty block with old bytes is harmless).
-            self._mark_dirty(entry, block)
-            fd = os.open(entry.block_path(block), os.O_WRONLY)
+            # clean-looking block file with new bytes would pass for a copy of the stored
+            # version and never be uploaded (a dirty block with old bytes is harmless).
+            self._mark_dirty(file, block)
+            fd = os.open(file.block_path(block), os.O_WRONLY)
             try:
                 os.pwrite(fd, view[:n], within)
             finally:
                 os.close(fd)
             view = view[n:]
             pos += n
-            entry.size = max(entry.size, pos)
-        entry.last_write = time.monotonic()
+            file.size = max(file.size, pos)
+        file.last_change = time.monotonic()
+        file.ctime_ns = time.time_ns()
         return len(data)
 
-    async def ensure_block_empty(self, entry: Entry, block: int) -> None:
-        async with self.block_locks((entry.id, block)):
-            if block in entry.present or entry.deleted:
+    def _covers(self, file: File, pos: int, n: int) -> bool:
+        """A write of ``n`` bytes at ``pos`` (within one block) replaces every byte the block holds."""
+        return pos % self.block_size == 0 and (n == self.block_size or pos + n >= file.size)
+
+    async def _ensure_block_empty(self, file: File, block: int) -> None:
+        fid = file.fid
+        async with self.block_locks((fid, block)):
+            if block in file.present or file.fid != fid:
                 return
             charge = self.charge(0)
             await self.reserve(charge)
+            if file.fid != fid:
+                self._unreserve(charge)
+                return
             try:
-                os.close(os.open(entry.block_path(block), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+                os.close(os.open(file.block_path(block), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
             except BaseException:
                 self._unreserve(charge)
                 raise
-            if entry.deleted:
-                self._unreserve(charge)
-                return
-            # Callers guarantee no remote byte of this block survives the coming write.
-            entry.present.add(block)
-            entry.charged[block] = charge
-            self.lru[(entry.id, block)] = entry
+            # Callers guarantee no stored byte of this block survives the coming write.
+            self._add_present(file, block, charge)
 
-    def mark_pending(self, entry: Entry) -> None:
-        """The object must be (re)uploaded: new file, resized, or metadata changed."""
-        entry.gen += 1
-        entry.last_write = time.monotonic()  # the write-back delay counts from now
-        if not entry.pending:
-            entry.pending = True
-            entry.journaled = False
-        if not entry.journaled:
-            self._journal(entry)
+    def _mark_dirty(self, file: File, block: int) -> None:
+        """``block`` is about to be written: dirty, not evictable, its generation current."""
+        first = block not in file.dirty
+        if first:
+            assert file.fid is not None
+            self.dirty_bytes += file.charged.get(block, 0)
+            self.lru.pop((file.fid, block), None)
+            file.dirty[block] = file.gen
+        # The record lists the dirty blocks: written when the set grows, not on every write.
+        self._changed_now(file, journal=first)
+        file.dirty[block] = file.gen
 
-    def _mark_dirty(self, entry: Entry, block: int) -> None:
-        entry.gen += 1
-        entry.pending = True
-        if block not in entry.dirty:
-            self.dirty_bytes += entry.charged.get(block, 0)
-            self.lru.pop((entry.id, block), None)
-            entry.dirty[block] = entry.gen
-            entry.journaled = False
-        else:
-            entry.dirty[block] = entry.gen
-        if not entry.journaled:
-            self._journal(entry)  # so a killed process still finds the pending upload
+    async def _unstage(self, file: File, block: int) -> None:
+        """``block`` is about to change, but it was sent in a part of the open upload: the part
+        is taken back (its blocks dirty again) if all of them are here; otherwise the open
+        upload is completed first, since it holds the only copy of the others."""
+        number = file.staged[block]
+        blocks = [b for b, n in file.staged.items() if n == number]
+        if not all(b in file.present for b in blocks):
+            await self._complete_upload(file)
+            return
+        assert file.open_upload is not None and file.fid is not None
+        for b in blocks:
+            del file.staged[b]
+            self.lru.pop((file.fid, b), None)
+            file.dirty[b] = file.gen
+            self.dirty_bytes += file.charged.get(b, 0)
+        file.open_upload.parts.pop(number, None)
+        self._journal(file)
 
-    async def truncate(self, entry: Entry, size: int) -> None:
-        if size < entry.size:
+    async def truncate(self, file: File, size: int) -> None:
+        while any((b + 1) * self.block_size > size for b in file.staged) and not file.unlinked:
+            await self._complete_upload(file)  # the cut would go through data sent in parts
+        if file.fid is None:
+            self._attach(file)
+        if size < file.size:
             last = (size - 1) // self.block_size if size else -1
-            self._drop_blocks(entry, {b for b in entry.present if b > last})
-            entry.fetch_limit = min(entry.fetch_limit, size)
+            self._drop_blocks(file, {b for b in file.present if b > last})
+            file.fetch_limit = min(file.fetch_limit, size)
+            file.epoch += 1  # fetches in flight hold bytes past the new end
             within = size - last * self.block_size if last >= 0 else 0
             if last >= 0 and within < self.block_size:
-                if last in entry.present or last * self.block_size < entry.fetch_limit:
-                    await self.ensure_block(entry, last)
-                    self._mark_dirty(entry, last)  # before the file changes: see write()
-                    path = entry.block_path(last)
-                    length = min(within, os.path.getsize(path))
-                    os.truncate(path, length)
-                    freed = entry.charged.get(last, 0) - self.charge(length)
-                    if freed > 0:
-                        entry.charged[last] -= freed
-                        self.dirty_bytes -= freed
-                        self._unreserve(freed)
-        entry.size = size
-        entry.trunc_low = min(entry.trunc_low, size)
-        entry.pending = True
-        entry.gen += 1
-        self._journal(entry)
+                if last in file.present or last * self.block_size < file.fetch_limit:
+                    await self.ensure_block(file, last)
+                    if last in file.present:
+                        self._mark_dirty(file, last)  # before the file changes: see write()
+                        path = file.block_path(last)
+                        length = min(within, os.path.getsize(path))
+                        os.truncate(path, length)
+                        freed = file.charged.get(last, 0) - self.charge(length)
+                        if freed > 0:
+                            file.charged[last] -= freed
+                            self.dirty_bytes -= freed
+                            self._unreserve(freed)
+        file.size = size
+        file.trunc_low = min(file.trunc_low, size)
+        file.ctime_ns = time.time_ns()
+        self._changed_now(file)
 
-    async def make_durable(self, entry: Entry) -> None:
-        """fsync the dirty blocks and the journal record: the data survives a crash."""
-        # Fix: the record used to be built and written inside the worker thread, racing with
-        # _journal() on the trio thread: both used state.json.tmp (fsync failed with ENOENT when
-        # the other rename took it), entry.state() iterated dicts being changed, and an older
-        # record could replace a newer one.  Now the threads only fsync; the record is written
-        # on the trio thread like every other journal write.
-        blocks = [entry.block_path(b) for b in entry.dirty]
+    # ------------------------------------------------------------------ uploads
+    def begin_upload(self, file: File) -> Snapshot:
+        """An upload of everything so far starts: DIRTY -> UPLOADING, and its snapshot."""
+        assert file.status is Status.DIRTY, file.status
+        self._set_status(file, Status.UPLOADING)
+        file.idle = trio.Event()
+        file.trunc_low = file.size
+        content_changed = bool(file.dirty) or file.base is None or not (
+            file.size == file.base.size == file.fetch_limit)
+        return Snapshot(file.key, file.size, file.gen, dict(file.dirty), file.base, file.fetch_limit,
+                        self.metadata(file), content_changed)
 
-        def sync_blocks() -> None:
-            for path in blocks:
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except FileNotFoundError:
-                    continue  # dropped by a truncate meanwhile
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+    def set_upload_token(self, file: File, token: str | None) -> None:
+        """Journaled before the upload can change the object (see uploader.py)."""
+        file.upload_token = token
+        self._journal(file)
 
-        def sync_record() -> None:
-            fd = os.open(state_path(entry.dir), os.O_RDONLY)
-            try:
-                os.fsync(fd)  # this record or a newer one (which covers at least as much)
-            finally:
-                os.close(fd)
-            fsync_dir(entry.dir)
-            fsync_dir(self.entries_dir)
-
-        if entry.deleted:
+    def upload_done(self, file: File, snap: Snapshot, etag: str) -> None:
+        """The store holds ``snap`` as version ``etag``: blocks not rewritten since are clean."""
+        if file.unlinked:
             return
-        await trio.to_thread.run_sync(sync_blocks)
-        if entry.deleted:
-            return
-        self._journal(entry)
-        try:
-            await trio.to_thread.run_sync(sync_record)
-        except FileNotFoundError:
-            if not entry.deleted:  # unlinked or renamed meanwhile: nothing left to make durable
-                raise
+        file.base = Remote(etag, snap.size)
+        file.fetch_limit = min(snap.size, file.trunc_low)
+        file.upload_token = None
+        file.open_upload = None
+        file.staged.clear()
+        file.uploaded_gen = snap.gen
+        for block, gen in snap.dirty.items():
+            if file.dirty.get(block) == gen:
+                del file.dirty[block]
+                self.dirty_bytes -= file.charged.get(block, 0)
+                if block in file.present:
+                    assert file.fid is not None
+                    self.lru[(file.fid, block)] = file
+        if file.status is Status.UPLOADING and file.gen == snap.gen:
+            self._set_status(file, Status.CLEAN)
+            file.refreshed = time.monotonic()
+        else:
+            self._set_status(file, Status.DIRTY)
+        self._journal(file)
+        file.idle.set()
+        self._wake()
+        if file.pending:
+            self._on_dirty(file)
 
-    def mark_uploaded(self, entry: Entry, etag: str, size: int, gens: dict[int, int],
-                      trunc_low: int, gen: int) -> None:
-        """After an upload of a snapshot: blocks not rewritten since become clean."""
-        entry.base = Remote(etag, size)
-        if entry.gen == gen:
-            entry.pending = False
-        entry.fetch_limit = min(size, trunc_low)
-        for block, gen in gens.items():
-            if entry.dirty.get(block) == gen:
-                del entry.dirty[block]
-                self.dirty_bytes -= entry.charged.get(block, 0)
-                if block in entry.present:
-                    self.lru[(entry.id, block)] = entry
-        self._journal(entry)
+    def upload_failed(self, file: File) -> None:
+        if file.status in IN_TRANSIT:
+            self._set_status(file, Status.DIRTY)
+        file.idle.set()
         self._wake()
 
+    def retarget(self, file: File, key: str) -> int:
+        """A conflict: the store's version keeps the name, and this file's content becomes a
+        new object under ``key``.  Returns the bytes lost (see ``lose_base``)."""
+        if self.by_key.get(file.key) is file:
+            del self.by_key[file.key]
+        file.key = key
+        self.by_key[key] = file
+        file.upload_token = None
+        return self.lose_base(file)
 
-async def _never(entry: Entry) -> bool:
-    return False
+    def lose_base(self, file: File) -> int:
+        """The stored version is gone (deleted elsewhere, or replaced): the file goes up from
+        local data alone.  Cached blocks of the old version become dirty (they are its only
+        copy now); bytes never cached here are zeros, and their count is returned (lost, for
+        the caller to report)."""
+        lost = 0
+        if file.base is not None:
+            for block in range(0, -(-file.fetch_limit // self.block_size)):
+                if block not in file.present:
+                    lost += min(self.block_size, file.fetch_limit - block * self.block_size)
+        for block in file.present - set(file.dirty):
+            assert file.fid is not None
+            self.lru.pop((file.fid, block), None)
+            file.dirty[block] = file.gen
+            self.dirty_bytes += file.charged.get(block, 0)
+        file.base = None
+        file.fetch_limit = 0
+        file.epoch += 1
+        self.stats["lost_bytes"] += lost
+        self._journal(file)
+        return lost
+
+    def open_multipart(self, file: File, upload: OpenUpload) -> None:
+        file.open_upload = upload
+        self._journal(file, durable=True)
+
+    def staged_part(self, file: File, part: StagedPart, gens: dict[int, int]) -> None:
+        """Part ``part`` of the open upload holds these blocks (at these generations): those
+        not rewritten since are clean and evictable; the journal lists the part."""
+        assert file.open_upload is not None and file.fid is not None
+        file.open_upload.parts[part.number] = part
+        for block, gen in gens.items():
+            if file.dirty.get(block) == gen:
+                del file.dirty[block]
+                self.dirty_bytes -= file.charged.get(block, 0)
+                file.staged[block] = part.number
+                if block in file.present:
+                    self.lru[(file.fid, block)] = file
+        self._journal(file, durable=True)
+        self._wake()
+
+    def close_multipart(self, file: File) -> None:
+        """The open upload was aborted: staged blocks that are still here are dirty again."""
+        for block in list(file.staged):
+            if block in file.present:
+                assert file.fid is not None
+                self.lru.pop((file.fid, block), None)
+                file.dirty[block] = file.gen
+                self.dirty_bytes += file.charged.get(block, 0)
+        file.staged.clear()
+        file.open_upload = None
+        self._journal(file)
+
+    def pending_files(self) -> list[File]:
+        return list(self.pending)
+
+
+def carries(meta: dict[str, str] | None, token: str | None) -> bool:
+    """Whether object metadata carries our upload token."""
+    return bool(token) and any(k.lower() == UPLOAD_KEY and v == token for k, v in (meta or {}).items())
 
 
 def _private(path: str, flags: int) -> int:

@@ -1,17 +1,30 @@
-"""The write-back uploader: sends pending entries to the backend in the background.
+"""The uploader: sends a file's changes to the store, as the write-back queue asks.
 
-An entry is uploaded ``delay`` seconds after its last write (so a file being written is
-not uploaded again and again), at once under cache pressure, and on demand (fsync with
-``sync_upload``, rename, unmount).  Large objects go up as parallel multipart parts, one
-part per block group; blocks that are unchanged and not cached are copied server-side
-where the backend can (upload-part-copy) and fetched otherwise.  An upload works on a
-snapshot (size, dirty-block generations); blocks written during the upload stay dirty
-and are sent again.  See docs/concurrency.md and docs/semantics.md.
+One *round* uploads everything a file has changed so far (its snapshot: size, dirty-block
+generations, base, metadata); writes during the round stay dirty and go up in the next
+one.  A file whose content did not change gets a metadata update only.  At most one round
+per file runs at a time (``_rounds``).
 
-Before an upload starts, a fresh token is journaled (``Entry.upload_token``) and sent in the
-object's metadata (``UPLOAD_KEY``).  Killed after the server committed the object but
-before ``mark_uploaded`` recorded it, the next run finds its own token on the changed
-object and takes that version as the new base instead of reporting a conflict.
+Before a round, one HEAD tells whether the stored object is still the file's base:
+
+* unchanged, or absent for a new file: upload;
+* carrying our journaled upload token: it is our own upload, committed but not recorded
+  (killed, or the reply lost); it becomes the base and the round goes on;
+* deleted elsewhere: the file goes up from local data (bytes never cached here are lost,
+  counted and logged);
+* changed by someone else: a conflict.  The store's version keeps the name; the file goes on
+  under ``NAME.conflict-YYYYmmdd-HHMMSS-xxxxxx`` (``on_conflict`` tells the file system).
+
+Large files go up as multipart uploads, one part per group of blocks.  Unchanged ranges are
+copied server-side where the store can (upload-part-copy), so editing a big object sends
+only what changed.  A file being written while the cache fills keeps one multipart upload
+open: whole parts are sent as their blocks fill (*staging*), their blocks become clean and
+evictable, and the final round sends only the rest.  The cost of a big upload is then
+linear in its size, and a file larger than the cache flows through it.  Open uploads are
+journaled: the next mount continues or aborts them, so none is orphaned.
+
+Payloads are read from block files opened before the request (:class:`Payload` segments),
+so nothing is staged in temporary files.
 """
 
 from __future__ import annotations
@@ -22,31 +35,22 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import trio
 
-from cloudfs.backends import Backend, ObjectInfo, PartInfo, Payload
-from cloudfs.backends.errors import BackendError, NotFound, PreconditionFailed
+from cloudfs.backends import Backend, PartInfo, Payload
+from cloudfs.backends.base import Segment
+from cloudfs.backends.errors import BackendError, NotFound
+from cloudfs.layout import metadata_size
 
-from .block_cache import BlockCache, Entry, Remote
+from .block_cache import UPLOAD_KEY, BlockCache, Snapshot, carries
+from .file import File, OpenUpload, Remote, StagedPart, Status
+from .multi_lock import MultiLock
+from .writeback import WritebackQueue
 
 log = logging.getLogger(__name__)
 
-# Metadata key carrying the upload token (lowercase; a valid Azure metadata name).  The FUSE
-# layer treats it as its own key (cloudfs.layout.OWN_KEYS), not as another tool's.
-UPLOAD_KEY = "cloudfs_upload"
-
-
-@dataclass
-class Snapshot:
-    key: str
-    size: int
-    gen: int
-    dirty: dict[int, int]
-    base: Remote | None
-    fetch_limit: int
-    metadata: dict[str, str]
+GiB = 1024**3
 
 
 def conflict_key(key: str) -> str:
@@ -54,354 +58,369 @@ def conflict_key(key: str) -> str:
     return f"{key}.conflict-{stamp}-{uuid.uuid4().hex[:6]}"
 
 
+def _ignore_conflict(file: File, old_key: str) -> None:
+    pass
+
+
+def _ignore(file: File) -> None:
+    pass
+
+
 class Uploader:
-    def __init__(self, cache: BlockCache, backend: Backend, *, delay: float = 5.0,
-                 parallel_files: int = 4, parallel_parts: int = 8) -> None:
+    def __init__(self, cache: BlockCache, backend: Backend, queue: WritebackQueue, *,
+                 parallel_parts: int = 8, on_conflict: Callable[[File, str], None] = _ignore_conflict,
+                 on_uploaded: Callable[[File], None] = _ignore) -> None:
         self.cache = cache
         self.backend = backend
-        self.delay = delay
-        self.file_slots = trio.CapacityLimiter(parallel_files)
+        self.queue = queue
         self.part_slots = trio.CapacityLimiter(parallel_parts)
-        self.queue: dict[str, Entry] = {}  # entry id -> entry with pending changes
-        self.active: set[str] = set()  # entry ids with an upload task started
-        self.retry_at: dict[str, float] = {}
-        self.errors: dict[str, BackendError] = {}
-        self.urgent = False
-        self._wakeup = trio.Event()
-        self._nursery: trio.Nursery | None = None
-        self.tmp_dir = os.path.join(cache.dir, "tmp")
-        # Called when an upload found the object changed by another writer (key, conflict key).
-        self.on_conflict: Callable[[Entry, str], None] = lambda entry, saved_as: None
-        # Called after an upload stored the entry (the FS refreshes what it knows of the object).
-        self.on_uploaded: Callable[[Entry], None] = lambda entry: None
-        self.uploaded_bytes = 0
-        cache.on_pressure = self.pressure
-        cache.adopt_own_upload = self.adopt_own_upload
+        self._on_conflict = on_conflict
+        self._on_uploaded = on_uploaded
+        self._rounds = MultiLock()
+        self._stage_wanted = trio.Event()
+        self.sent_bytes = 0  # bytes sent in PUTs and parts (copies server-side not counted)
 
-    # ------------------------------------------------------------------ scheduling
-    def schedule(self, entry: Entry) -> None:
-        if entry.pending and not entry.deleted:
-            self.queue[entry.id] = entry
-            self._wake()
+    # ------------------------------------------------------------------ running
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The write-back queue, and staging under cache pressure, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.queue.run, self._store)
+            nursery.start_soon(self._stage_loop)
+            task_status.started()
 
     def pressure(self) -> None:
-        self.urgent = True
-        self._wake()
+        """Writers wait for cache space: upload everything now, and stage big files."""
+        self.queue.expedite()
+        self._stage_wanted.set()
 
-    def _wake(self) -> None:
-        self._wakeup.set()
-
-    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        os.makedirs(self.tmp_dir, mode=0o700, exist_ok=True)
-        for name in os.listdir(self.tmp_dir):
-            os.unlink(os.path.join(self.tmp_dir, name))
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            while True:
-                self._wakeup = trio.Event()
-                now = time.monotonic()
-                urgent, self.urgent = self.urgent, False
-                next_due = now + 1.0
-                for entry in list(self.queue.values()):
-                    if entry.uploading or entry.id in self.active:
-                        continue
-                    if not entry.pending or entry.deleted:
-                        self.queue.pop(entry.id, None)
-                        continue
-                    due = max(entry.last_write + self.delay, self.retry_at.get(entry.id, 0))
-                    if urgent and entry.id not in self.retry_at:
-                        due = now
-                    if due <= now:
-                        self.active.add(entry.id)
-                        nursery.start_soon(self._upload_task, entry)
-                    else:
-                        next_due = min(next_due, due)
-                with trio.move_on_after(max(0.05, next_due - now)):
-                    await self._wakeup.wait()
-
-    async def _upload_task(self, entry: Entry) -> None:
-        try:
-            await self.upload(entry)
-        except BackendError as exc:
-            self.retry_at[entry.id] = time.monotonic() + min(60.0, 2.0 * (1 + len(self.errors)))
-            log.error("upload of %s failed, will retry: %s", entry.key, exc)
-        finally:
-            self.active.discard(entry.id)
+    async def _store(self, fid: str) -> float | None:
+        file = self.cache.files.get(fid)
+        if file is None or not file.pending:
+            return None
+        if file.holds:
+            return 0.2  # a directory rename is moving it
+        await self.upload(file)
+        return None
 
     # ------------------------------------------------------------------ waiting
-    async def wait_idle(self, entry: Entry) -> None:
-        while entry.uploading:
-            await entry.idle.wait()
+    async def flush(self, file: File) -> None:
+        """Upload now; return when the content at call time is on the store."""
+        gen = file.gen
+        while file.pending and file.uploaded_gen < gen:
+            while file.holds:
+                await trio.sleep(0.05)  # a directory rename is moving it: a moment
+            if file.uploading:
+                await file.idle.wait()
+            else:
+                await self.upload(file)
 
-    async def flush(self, entry: Entry) -> None:
-        """Upload now and return when the content at call time is on the backend."""
-        while True:
-            await self.wait_idle(entry)
-            if not entry.pending or entry.deleted:
-                return
-            gen = entry.gen
-            await self.upload(entry)
-            if entry.gen == gen or not entry.pending:
-                return
-
-    def pending_entries(self) -> list[Entry]:
-        return [e for e in self.cache.entries.values() if e.pending and not e.deleted]
-
-    async def flush_all(self, progress: bool = False) -> None:
-        """Upload every pending entry (unmount); a progress bar on a terminal."""
-        entries = self.pending_entries()
-        if not entries:
-            return
-        total = sum(e.size for e in entries)
+    async def flush_all(self, progress: bool = False) -> list[File]:
+        """Upload every pending file (unmount); a progress bar on a terminal.  Returns the
+        files that could not be uploaded."""
+        files = self.cache.pending_files()
+        if not files:
+            return []
+        total = sum(self.pending_bytes(f) for f in files)
         bar = None
         if progress and sys.stderr.isatty():
             from tqdm import tqdm
             bar = tqdm(total=total, unit="B", unit_scale=True, desc="cloudfs: uploading")
-        log.info("flushing %d pending file(s), %d bytes", len(entries), total)
-        failures: list[str] = []
+        log.info("flushing %d pending file(s), %d bytes", len(files), total)
+        failed: list[File] = []
+        start = self.sent_bytes
 
-        async def one(entry: Entry) -> None:
+        async def one(file: File) -> None:
             try:
-                await self.flush(entry)
+                await self.flush(file)
             except BackendError as exc:
-                failures.append(f"{entry.key}: {exc}")
+                log.error("%s: %s", file.key, exc)
+                failed.append(file)
             if bar is not None:
-                bar.update(entry.size)
+                bar.n = min(total, self.sent_bytes - start)
+                bar.refresh()
 
         async with trio.open_nursery() as nursery:
-            for entry in entries:
-                nursery.start_soon(one, entry)
+            for file in files:
+                nursery.start_soon(one, file)
         if bar is not None:
             bar.close()
-        if failures:
-            raise BackendError("could not upload: " + "; ".join(failures[:5]))
+        return failed
 
-    # ------------------------------------------------------------------ uploading
-    async def upload(self, entry: Entry) -> None:
-        async with self.file_slots:
-            # Checked after the slot wait: another task may have uploaded it meanwhile.
-            await self.wait_idle(entry)
-            if not entry.pending or entry.deleted:
-                return
-            entry.uploading = True
-            entry.idle = trio.Event()
-            entry.trunc_low = entry.size
-            snap = Snapshot(entry.key, entry.size, entry.gen, dict(entry.dirty), entry.base,
-                            entry.fetch_limit, dict(entry.metadata))
-            try:
-                target = snap.key
-                if await self._changed_remotely(entry, snap):
-                    target = conflict_key(snap.key)
-                    log.warning("%s changed on the server while local changes were pending; "
-                                "the server's version keeps the name, the local one is saved as %s",
-                                snap.key, target)
-                metadata = snap.metadata
-                if target == snap.key and not entry.deleted:
-                    token = uuid.uuid4().hex
-                    tagged = {**snap.metadata, UPLOAD_KEY: token}
-                    if _metadata_size(tagged) <= self.backend.capabilities.max_metadata_bytes:
-                        # Journaled before the object can change: see _changed_remotely().
-                        entry.upload_token = token
-                        self.cache._journal(entry)
-                        metadata = tagged
-                etag = await self._send(entry, snap, target, metadata)
-                self.uploaded_bytes += snap.size
-                if target != snap.key:
-                    # The local version is safe under the conflict name and the server's version
-                    # keeps the key: forget the local blocks (they belong to neither).  Without
-                    # this the entry stayed pending and every later round saved another conflict
-                    # copy, and its dirty blocks held the dirty budget forever.
-                    entry.pending = False
-                    self.cache.discard(entry)
-                    self.on_conflict(entry, target)
-                elif not entry.deleted:
-                    entry.upload_token = None  # journaled by mark_uploaded
-                    self.cache.mark_uploaded(entry, etag, snap.size, snap.dirty,
-                                             entry.trunc_low, snap.gen)
-                    self.on_uploaded(entry)
-                self.retry_at.pop(entry.id, None)
-                self.errors.pop(entry.id, None)
-                if not entry.pending:
-                    self.queue.pop(entry.id, None)
-            except BackendError as exc:
-                self.errors[entry.id] = exc
-                raise
-            except OSError as exc:
-                # A block file vanished under us (truncate/unlink during the upload): retry later.
-                raise BackendError(f"{entry.key}: local cache changed during upload ({exc})") from exc
-            finally:
-                entry.uploading = False
-                entry.idle.set()
-                self._wake()
-
-    async def _changed_remotely(self, entry: Entry, snap: Snapshot) -> bool:
-        """Whether another writer replaced the object since ``snap.base`` (a conflict).
-
-        The object carrying the journaled token of our last upload is our own upload, committed
-        by the server but not recorded (the process was killed, or the reply was lost): it
-        becomes the base, and this upload sends the local content on top of it.
-        """
-        token = entry.upload_token
-        try:
-            info = await self.backend.head(snap.key)
-        except NotFound:
-            return False  # new, or deleted by someone else: writing it back loses nothing
-        if snap.base is not None and info.etag == snap.base.etag:
-            return False
-        if _carries(info.metadata, token):
-            snap.base = self._rebase(entry, info)
-            snap.fetch_limit = min(snap.fetch_limit, info.size)
-            return False
-        return True  # someone created it after we did, or changed it
-
-    def _rebase(self, entry: Entry, info: ObjectInfo) -> Remote:
-        """Take our own committed, unrecorded upload ``info`` as the entry's base.
-
-        The object holds the snapshot of that upload: at every byte below the fetch limit that
-        is not in a local block it equals the old base (clean blocks were sent as they were,
-        dirty ones are still local, truncates lowered the limit), so uncached bytes can be
-        fetched from it.  The entry stays pending: the local content is sent again.
-        """
-        log.info("%s: the server has our interrupted upload; continuing from it", entry.key)
-        new = Remote(info.etag, info.size)
-        if not entry.deleted:
-            entry.base = new
-            entry.fetch_limit = min(entry.fetch_limit, info.size)
-            self.cache._journal(entry)
-        return new
-
-    async def adopt_own_upload(self, entry: Entry) -> bool:
-        """BlockCache hook: the entry's base is gone; rebase it if the object is our upload."""
-        token = entry.upload_token
-        if not token or entry.uploading or entry.deleted:
-            return False
-        try:
-            info = await self.backend.head(entry.key)
-        except NotFound:
-            return False
-        if entry.uploading or entry.deleted or entry.upload_token != token or (
-                not _carries(info.metadata, token)):
-            return False
-        self._rebase(entry, info)
-        return True
-
-    def _part_size(self, size: int) -> int:
+    def pending_bytes(self, file: File) -> int:
+        """Bytes a file's next round sends (dirty blocks), at least 1 for a metadata update."""
         bs = self.cache.block_size
-        part = self.backend.part_size_for(size, bs)
+        n = sum(min(bs, file.size - b * bs) for b in file.dirty if b * bs < file.size)
+        if file.base is None:
+            n = max(n, file.size)
+        return max(1, n)
+
+    # ------------------------------------------------------------------ a round
+    async def upload(self, file: File) -> None:
+        """One round: send everything the file changed so far."""
+        assert file.fid is not None or file.unlinked
+        async with self._rounds(id(file)):
+            if file.status is not Status.DIRTY or file.holds:
+                return
+            await self._check_remote(file)
+            if file.status is not Status.DIRTY or file.holds:
+                return  # unlinked, or moved, while we asked
+            snap = self.cache.begin_upload(file)
+            try:
+                etag = await self._send(file, snap)
+            except BaseException:
+                self.cache.upload_failed(file)
+                raise
+            self.cache.upload_done(file, snap, etag)
+        self._on_uploaded(file)
+
+    async def _check_remote(self, file: File) -> None:
+        """Is the stored object still the file's base?  See the module doc."""
+        while True:
+            key, base, token = file.key, file.base, file.upload_token
+            try:
+                info = await self.backend.head(key)
+            except NotFound:
+                info = None
+            if file.key != key or file.status is not Status.DIRTY:
+                if file.status is Status.DIRTY:
+                    continue  # renamed while we asked: ask about the new name
+                return
+            if info is None:
+                if base is not None:
+                    lost = self.cache.lose_base(file)
+                    log.warning("%s was deleted on the server while changed here; uploading the "
+                                "local copy%s", key, f" ({lost} bytes never cached here are zeros)" if lost
+                                else "")
+                return
+            if base is not None and info.etag == base.etag:
+                return
+            if carries(info.metadata, token):
+                self.cache.rebase_on_own_upload(file, Remote(info.etag, info.size))
+                return
+            await self._conflict(file, key, Remote(info.etag, info.size))
+            return
+
+    async def _conflict(self, file: File, key: str, theirs: Remote) -> None:
+        open_upload = file.open_upload
+        if open_upload is not None and any(b not in file.present for b in file.staged):
+            # Part of our data is only in the open upload, which can complete only under
+            # this name: save their version as the conflict copy, then let ours take the name.
+            saved = conflict_key(key)
+            log.warning("%s changed on the server while a large upload of it was open here; the "
+                        "server's version is saved as %s and the local one keeps the name", key, saved)
+            await self.backend.copy(key, saved)
+            self.cache.rebase_on_own_upload(file, theirs)
+            return
+        if open_upload is not None:
+            await self._abort_open_upload(file)
+        saved = conflict_key(key)
+        log.warning("%s changed on the server while local changes were pending; the server's "
+                    "version keeps the name, the local one is saved as %s", key, saved)
+        lost = self.cache.retarget(file, saved)
+        if lost:
+            log.error("%s: %d bytes of the previous version were never cached here and are zeros "
+                      "in %s", key, lost, saved)
+        self._on_conflict(file, key)
+
+    async def _abort_open_upload(self, file: File) -> None:
+        upload = file.open_upload
+        if upload is None:
+            return
+        self.cache.close_multipart(file)
+        with trio.CancelScope(shield=True), trio.move_on_after(30):
+            try:
+                await self.backend.mpu_abort(upload.key, upload.upload_id)
+            except BackendError as exc:
+                log.warning("could not abort the multipart upload of %s: %s", upload.key, exc)
+
+    async def discard(self, file: File) -> None:
+        """The file is being unlinked: give up its open upload, if any."""
+        async with self._rounds(id(file)):
+            await self._abort_open_upload(file)
+
+    # ------------------------------------------------------------------ sending
+    def _tagged(self, file: File, metadata: dict[str, str]) -> dict[str, str]:
+        """``metadata`` with a fresh upload token, journaled before the object can change (see
+        _check_remote); without one if it would not fit the store's metadata limit."""
+        token = uuid.uuid4().hex
+        tagged = {**metadata, UPLOAD_KEY: token}
+        if metadata_size(tagged) > self.backend.capabilities.max_metadata_bytes:
+            return metadata
+        self.cache.set_upload_token(file, token)
+        return tagged
+
+    def _part_size(self, size: int, streaming: bool = False) -> int:
+        bs = self.cache.block_size
+        # A file still being written may grow well past its current size: leave room for it
+        # within the store's part-count limit.
+        part = self.backend.part_size_for(max(8 * size, 64 * GiB) if streaming else size, bs)
         return -(-part // bs) * bs  # whole blocks per part
 
-    async def _send(self, entry: Entry, snap: Snapshot, key: str, metadata: dict[str, str]) -> str:
-        part = self._part_size(snap.size)
-        if snap.size <= part:
-            tmp = await self._assemble(entry, snap, 0, snap.size)
-            try:
-                return await self.backend.put(key, Payload.from_file(tmp), metadata)
-            finally:
-                os.unlink(tmp)
-        upload_id = await self.backend.mpu_create(key, metadata)
+    async def _send(self, file: File, snap: Snapshot) -> str:
+        if not snap.content_changed:
+            return await self.backend.set_metadata(snap.key, self._tagged(file, snap.metadata))
+        upload = file.open_upload
+        if upload is not None and (upload.key != snap.key or snap.size <= upload.part_size):
+            await self._abort_open_upload(file)
+            upload = None
+        if upload is None:
+            part = self._part_size(snap.size)
+            if snap.size <= part:
+                payload = await self._payload(file, snap, 0, snap.size)
+                try:
+                    etag = await self.backend.put(snap.key, payload, self._tagged(file, snap.metadata))
+                finally:
+                    payload.close()
+                self.sent_bytes += snap.size
+                return etag
+            upload = await self._open_upload(file, snap.key, part, self._tagged(file, snap.metadata))
         parts: list[PartInfo] = []
         try:
-            try:
-                async with trio.open_nursery() as nursery:
-                    for number, start in enumerate(range(0, snap.size, part), 1):
-                        length = min(part, snap.size - start)
-                        nursery.start_soon(self._send_part, entry, snap, key, upload_id, number, start,
-                                           length, parts)
-            except BaseExceptionGroup as group:
-                # Fix: trio wraps a failed part in an ExceptionGroup, which upload()'s
-                # `except BackendError` and _upload_task did not catch: one failed part (a retry
-                # budget spent, a block file dropped by a truncate) crashed run() and the mount.
-                raise _single_error(group) from None
-            return await self.backend.mpu_complete(key, upload_id, parts)
-        except BaseException:
-            with trio.CancelScope(shield=True), trio.move_on_after(30):
-                try:
-                    await self.backend.mpu_abort(key, upload_id)
-                except BackendError as exc:
-                    log.warning("could not abort multipart upload of %s: %s", key, exc)
-            raise
+            async with trio.open_nursery() as nursery:
+                for number, start in enumerate(range(0, snap.size, upload.part_size), 1):
+                    length = min(upload.part_size, snap.size - start)
+                    staged = upload.parts.get(number)
+                    if staged is not None and (staged.start, staged.length) == (start, length) and all(
+                            file.staged.get(b) == number for b in self._blocks(start, length)):
+                        parts.append(PartInfo(number, staged.etag))
+                        continue
+                    nursery.start_soon(self._send_part, file, snap, upload, number, start, length, parts)
+        except BaseExceptionGroup as group:
+            raise _single_error(group) from None
+        etag = await self.backend.mpu_complete(snap.key, upload.upload_id, parts)
+        if {k: v for k, v in upload.metadata.items() if k != UPLOAD_KEY} != snap.metadata:
+            # Attributes changed after the upload was opened (a chmod while it streamed).
+            etag = await self.backend.set_metadata(snap.key, {**snap.metadata, UPLOAD_KEY: upload.token})
+        return etag
 
-    async def _send_part(self, entry: Entry, snap: Snapshot, key: str, upload_id: str, number: int,
-                         start: int, length: int, parts: list[PartInfo]) -> None:
+    async def _open_upload(self, file: File, key: str, part_size: int, metadata: dict[str, str]
+                           ) -> OpenUpload:
+        upload_id = await self.backend.mpu_create(key, metadata)
+        upload = OpenUpload(upload_id, key, part_size, metadata.get(UPLOAD_KEY, ""), metadata=metadata)
+        self.cache.open_multipart(file, upload)
+        return upload
+
+    def _blocks(self, start: int, length: int) -> range:
+        bs = self.cache.block_size
+        return range(start // bs, (start + length - 1) // bs + 1)
+
+    async def _send_part(self, file: File, snap: Snapshot, upload: OpenUpload, number: int, start: int,
+                         length: int, parts: list[PartInfo]) -> None:
         async with self.part_slots:
-            bs = self.cache.block_size
-            blocks = range(start // bs, (start + length - 1) // bs + 1)
+            blocks = self._blocks(start, length)
             # Unchanged ranges are copied server-side even when cached: cheaper than sending
             # them again, and it lets the cache evict clean blocks while a big file uploads.
             copyable = (snap.base is not None and self.backend.capabilities.part_copy
-                        and key == snap.key and start + length <= snap.fetch_limit
-                        and not any(b in snap.dirty for b in blocks))
+                        and start + length <= snap.fetch_limit and not any(b in snap.dirty for b in blocks))
             if copyable:
                 assert snap.base is not None
-                parts.append(await self.backend.mpu_part_copy(key, upload_id, number, snap.key, start,
-                                                              length, snap.base.etag))
+                parts.append(await self.backend.mpu_part_copy(snap.key, upload.upload_id, number, snap.key,
+                                                              start, length, snap.base.etag))
                 return
-            path = entry.block_path(blocks[0])
-            if len(blocks) == 1 and blocks[0] in entry.present and os.path.getsize(path) >= length:
-                # Fix: a shorter block file (a hole at its end) used to be extended in place
-                # (BlockCache.materialize_length, now removed); when a truncate+write had replaced
-                # the block during this upload, that grew the *new* block file past the file
-                # size, and recovery after a kill took the zeros for data.  Short blocks now go
-                # through _assemble, which never touches block files.
-                payload = Payload.from_file(path, 0, length)
-                parts.append(await self.backend.mpu_part(key, upload_id, number, payload))
-                return
-            tmp = await self._assemble(entry, snap, start, length)
+            payload = await self._payload(file, snap, start, length)
             try:
-                parts.append(await self.backend.mpu_part(key, upload_id, number, Payload.from_file(tmp)))
+                parts.append(await self.backend.mpu_part(snap.key, upload.upload_id, number, payload))
             finally:
-                os.unlink(tmp)
+                payload.close()
+            self.sent_bytes += length
 
-    async def _assemble(self, entry: Entry, snap: Snapshot, start: int, length: int) -> str:
-        """Write bytes [start, start+length) of the snapshot into a temp file."""
+    async def _payload(self, file: File, snap: Snapshot, start: int, length: int) -> Payload:
+        """Bytes [start, start+length) of the snapshot, as segments of open block files.
+
+        A block that is not here is fetched into the cache first (it counts against the
+        cache size like any other), unless the snapshot has no base (zeros).  Each block
+        file is opened right after it is made present, with no await in between, so an
+        eviction later cannot take its bytes away.
+        """
         bs = self.cache.block_size
-        # The temp dir is made by run(); create it here too so flush()/flush_all() work without
-        # the background loop (fix: uploads before run() failed with "local cache changed").
-        os.makedirs(self.tmp_dir, mode=0o700, exist_ok=True)
-        tmp = os.path.join(self.tmp_dir, uuid.uuid4().hex)
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        segments: list[Segment] = []
         try:
-            os.ftruncate(fd, length)  # sparse zeros: holes need no writes
             pos = start
             while pos < start + length:
                 block, within = divmod(pos, bs)
                 n = min(bs - within, start + length - pos)
-                if block in entry.present:
-                    with open(entry.block_path(block), "rb") as src:
-                        src.seek(within)
-                        os.pwrite(fd, src.read(n), pos - start)
-                elif snap.base is not None and pos < snap.fetch_limit:
-                    remote_n = min(n, snap.fetch_limit - pos)
-                    with os.fdopen(os.dup(fd), "r+b") as out:
-                        out.seek(pos - start)
-                        try:
-                            await self.backend.download(snap.key, out, pos, remote_n, if_match=snap.base.etag)
-                        except (NotFound, PreconditionFailed):
-                            log.error("%s: bytes %d-%d of the previous version are gone from the server; "
-                                      "they are zeros in the upload", snap.key, pos, pos + remote_n)
-                            out.seek(pos - start)
-                            out.write(bytes(remote_n))
+                if block not in file.present and snap.base is not None and pos < snap.fetch_limit:
+                    try:
+                        await self.cache.ensure_block(file, block)
+                    except BackendError as exc:
+                        log.error("%s: bytes %d-%d of the previous version could not be read (%s); "
+                                  "they are zeros in the upload", snap.key, pos, pos + n, exc)
+                        self.cache.stats["lost_bytes"] += n
+                if block in file.present:
+                    segments.append(Segment(_open_ro(file.block_path(block)), within, n))
+                else:
+                    segments.append(Segment(None, 0, n))
                 pos += n
-            os.ftruncate(fd, length)  # a retried download truncates at its start
-            return tmp
         except BaseException:
-            os.unlink(tmp)
+            Payload.from_segments(segments).close()
             raise
-        finally:
-            os.close(fd)
+        return Payload.from_segments(segments)
+
+    # ------------------------------------------------------------------ staging
+    async def _stage_loop(self) -> None:
+        while True:
+            await self._stage_wanted.wait()
+            self._stage_wanted = trio.Event()
+            for file in self.cache.pending_files():
+                try:
+                    await self.stage(file)
+                except BackendError as exc:
+                    log.warning("%s: could not send parts early: %s", file.key, exc)
+
+    async def stage(self, file: File) -> None:
+        """Send the whole parts a large file being written has filled, keeping its multipart
+        upload open (see the module doc)."""
+        async with self._rounds(id(file)):
+            if file.status is not Status.DIRTY or file.holds or file.fid is None:
+                return
+            upload = file.open_upload
+            part_size = upload.part_size if upload is not None else self._part_size(file.size, streaming=True)
+            full = [n for n in range(1, file.size // part_size)  # never the last, growing part
+                    if self._fillable(file, n, part_size)]
+            if not full:
+                return
+            if upload is None:
+                await self._check_remote(file)
+                if file.status is not Status.DIRTY or file.open_upload is not None:
+                    return
+                meta = self._tagged(file, self.cache.metadata(file))
+                upload = await self._open_upload(file, file.key, part_size, meta)
+            for number in full:
+                start = (number - 1) * part_size
+                if not self._fillable(file, number, part_size) or file.open_upload is not upload:
+                    continue
+                gens = {b: file.dirty[b] for b in self._blocks(start, part_size)}
+                snap = Snapshot(file.key, file.size, file.gen, gens, None, 0, {}, True)
+                payload = await self._payload(file, snap, start, part_size)
+                try:
+                    async with self.part_slots:
+                        info = await self.backend.mpu_part(file.key, upload.upload_id, number, payload)
+                finally:
+                    payload.close()
+                self.sent_bytes += part_size
+                if file.open_upload is upload and not file.unlinked:
+                    self.cache.staged_part(file, StagedPart(number, info.etag, start, part_size), gens)
+
+    def _fillable(self, file: File, number: int, part_size: int) -> bool:
+        start = (number - 1) * part_size
+        blocks = self._blocks(start, part_size)
+        bs = self.cache.block_size
+        return all(b in file.dirty and b in file.present and b not in file.staged for b in blocks) and all(
+            _size(file.block_path(b)) == bs for b in blocks)
 
 
-def _carries(meta: dict[str, str] | None, token: str | None) -> bool:
-    """Whether object metadata carries our upload token."""
-    return bool(token) and any(k.lower() == UPLOAD_KEY and v == token for k, v in (meta or {}).items())
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return -1
 
 
-def _metadata_size(meta: dict[str, str]) -> int:
-    return sum(len(k) + len(v) for k, v in meta.items())
+def _open_ro(path: str) -> int:
+    return os.open(path, os.O_RDONLY)
 
 
-def _single_error(group: BaseExceptionGroup) -> BaseException:
+def _single_error(group: BaseExceptionGroup) -> BaseException:  # type: ignore[type-arg]
     """The first BackendError/OSError of a part nursery's group; the group itself otherwise.
 
     Anything else (Cancelled, a bug) keeps its group so trio and the caller see it unchanged.
@@ -413,3 +432,4 @@ def _single_error(group: BaseExceptionGroup) -> BaseException:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
     return exc
+

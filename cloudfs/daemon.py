@@ -27,11 +27,15 @@ from cloudfs.backends import Backend, open_backend
 from cloudfs.backends.base import RetryPolicy
 from cloudfs.backends.errors import BackendError, ConfigError
 from cloudfs.cache.block_cache import BlockCache, CacheLocked
+from cloudfs.cache.file import File
+from cloudfs.cache.journal import CacheMismatch
 from cloudfs.cache.uploader import Uploader
+from cloudfs.cache.writeback import WritebackQueue
 
 from . import notify, status
-from .fs import CloudFS, FsOptions
+from .fs import CloudFS, KernelNotify
 from .options import MountOptions, default_cache_dir, parse, split_options
+from .vfs import VFS, VfsOptions
 
 log = logging.getLogger("cloudfs")
 
@@ -121,8 +125,13 @@ def prepare(url: str, mountpoint: str, option_text: list[str] | None) -> MountPl
     if os.getuid() != 0 and not shutil.which("fusermount3"):
         raise MountError("fusermount3 not found: install the fuse3 package", 19)
     # systemd's CacheDirectory= sets $CACHE_DIRECTORY for the service.
-    cache_dir = opts.cache_dir or (os.path.join(os.environ["CACHE_DIRECTORY"], "blocks")
-                                   if os.environ.get("CACHE_DIRECTORY") else default_cache_dir(url))
+    # The default cache dir is keyed on the store (endpoint included), not on the URL text.
+    if opts.cache_dir:
+        cache_dir = opts.cache_dir
+    elif os.environ.get("CACHE_DIRECTORY"):
+        cache_dir = os.path.join(os.environ["CACHE_DIRECTORY"], "blocks")
+    else:
+        cache_dir = default_cache_dir(backend.describe())
     return MountPlan(url, mountpoint, opts, backend, cache_dir)
 
 
@@ -193,18 +202,18 @@ def _serve(plan: MountPlan, ready_fd: int | None, detach: bool) -> int:
             await plan.backend.check()
         except BackendError as exc:
             raise MountError(f"{plan.backend.describe()}: {exc}", 1) from None
-        cache = BlockCache(plan.backend, plan.cache_dir, block_size=opts.block_size,
-                           max_bytes=opts.cache_size, max_dirty=opts.max_dirty or opts.cache_size // 2,
-                           min_free=opts.min_free, readahead_blocks=opts.readahead)
+        mount = _build(plan)
         try:
-            recovered = cache.open()
+            recovered = mount.cache.open()
         except CacheLocked as exc:
             raise MountError(str(exc), 16) from None
-        uploader = Uploader(cache, plan.backend, delay=opts.writeback_delay, parallel_files=opts.transfers)
-        fs = CloudFS(plan.backend, cache, uploader,
-                     FsOptions(uid=opts.uid, gid=opts.gid, read_only=opts.read_only,
-                               attr_timeout=opts.attr_timeout, sync_upload=opts.sync_upload,
-                               dir_cache_time=opts.dir_cache_time))
+        except CacheMismatch as exc:
+            raise MountError(str(exc), 2) from None
+        cache, uploader, vfs = mount.cache, mount.uploader, mount.vfs
+        for key, upload_id in recovered.stale_uploads:
+            with contextlib.suppress(BackendError):
+                await plan.backend.mpu_abort(key, upload_id)
+        fs = CloudFS(vfs)
         fsname = plan.backend.describe().replace(",", "_")
         fuse_opts = {f"fsname={fsname}", "subtype=cloudfs", "nosuid", "nodev", "default_permissions"}
         if opts.read_only:
@@ -221,15 +230,18 @@ def _serve(plan: MountPlan, ready_fd: int | None, detach: bool) -> int:
         _raise_readahead(plan.mountpoint)
         try:
             async with trio.open_nursery() as nursery:
-                fs.nursery = nursery
+                vfs.nursery = nursery
+                await vfs.load_root()
+                await vfs.recover(recovered.deletions)
                 await nursery.start(uploader.run)
-                for entry in recovered:
-                    log.info("recovering pending upload of %s", entry.key)
-                    uploader.schedule(entry)
+                for file in recovered.pending:
+                    log.info("recovering pending upload of %s", file.key)
+                    mount.queue.schedule(file.fid)
                 nursery.start_soon(_main_loop, nursery)
-                nursery.start_soon(_on_signals, fs, uploader, nursery)
+                nursery.start_soon(_on_signals, uploader, nursery)
                 nursery.start_soon(status.serve, status.socket_path(pid_file(plan.mountpoint)),
-                                   lambda: status.snapshot(plan.backend, cache, uploader, plan.mountpoint))
+                                   lambda: status.snapshot(plan.backend, cache, uploader, mount.queue,
+                                                           plan.mountpoint))
                 await trio.sleep(0)
                 _write_pid(plan.mountpoint)
                 _report(ready_fd, "ready")
@@ -241,11 +253,12 @@ def _serve(plan: MountPlan, ready_fd: int | None, detach: bool) -> int:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(pid_file(plan.mountpoint))
         # Unmounted from outside (umount/fusermount) too: pending uploads still go up.
-        try:
-            await uploader.flush_all(progress=not detach)
-        except BackendError as exc:
-            log.error("%s; the data stays in %s and is uploaded on the next mount", exc, plan.cache_dir)
+        failed = await _flush_before_exit(uploader, progress=not detach)
+        if failed:
+            log.error("%d file(s) could not be uploaded; they stay in %s and are uploaded on the "
+                      "next mount", len(failed), plan.cache_dir)
             state["code"] = 1
+        _write_result(plan.mountpoint, failed)
         cache.close()
         plan.backend.close()
 
@@ -263,7 +276,7 @@ def _serve(plan: MountPlan, ready_fd: int | None, detach: bool) -> int:
     return state["code"]
 
 
-async def _on_signals(fs: CloudFS, uploader: Uploader, nursery: trio.Nursery) -> None:
+async def _on_signals(uploader: Uploader, nursery: trio.Nursery) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
@@ -271,14 +284,64 @@ async def _on_signals(fs: CloudFS, uploader: Uploader, nursery: trio.Nursery) ->
             notify.sd_notify("STOPPING=1\nSTATUS=Uploading pending data before unmount")
             log.info("signal %d: flushing pending uploads, then unmounting", signum)
             with trio.move_on_after(3600) as scope:
-                try:
-                    await uploader.flush_all()
-                except BackendError as exc:
-                    log.error("%s; pending data stays in the cache for the next mount", exc)
+                await uploader.flush_all()
             if scope.cancelled_caught:
                 log.error("flush timed out; pending data stays in the cache for the next mount")
             pyfuse3.terminate()
             return
+
+
+@dataclass
+class Mount:
+    """The pieces of one mount, wired together (nothing global: two mounts never share)."""
+
+    queue: WritebackQueue
+    cache: BlockCache
+    uploader: Uploader
+    vfs: VFS
+
+
+def _build(plan: MountPlan) -> Mount:
+    opts = plan.opts
+    queue = WritebackQueue(delay=opts.writeback_delay, parallel=opts.transfers)
+    holder: dict[str, Any] = {}
+    cache = BlockCache(plan.backend, plan.cache_dir, block_size=opts.block_size,
+                       max_bytes=opts.cache_size, max_dirty=opts.max_dirty or opts.cache_size // 2,
+                       min_free=opts.min_free, readahead_blocks=opts.readahead,
+                       store_identity=plan.backend.describe(),
+                       on_dirty=lambda f: queue.schedule(f.fid),
+                       on_pressure=lambda: holder["uploader"].pressure(),
+                       complete_upload=lambda f: holder["uploader"].flush(f))
+    vfs_box: dict[str, VFS] = {}
+    uploader = Uploader(cache, plan.backend, queue,
+                        on_conflict=lambda f, old: vfs_box["vfs"].on_conflict(f, old),
+                        on_uploaded=lambda f: vfs_box["vfs"].on_uploaded(f))
+    holder["uploader"] = uploader
+    vfs = VFS(plan.backend, cache, uploader,
+              VfsOptions(uid=opts.uid, gid=opts.gid, read_only=opts.read_only,
+                         attr_timeout=opts.attr_timeout, sync_upload=opts.sync_upload,
+                         dir_cache_time=opts.dir_cache_time, readahead_blocks=opts.readahead),
+              intents_dir=os.path.join(plan.cache_dir, "intents"), notify=KernelNotify())
+    vfs_box["vfs"] = vfs
+    return Mount(queue, cache, uploader, vfs)
+
+
+async def _flush_before_exit(uploader: Uploader, progress: bool) -> list[File]:
+    try:
+        return await uploader.flush_all(progress=progress)
+    except BackendError as exc:
+        log.error("%s", exc)
+        return uploader.cache.pending_files()
+
+
+def result_file(mountpoint: str) -> str:
+    return pid_file(mountpoint).removesuffix(".pid") + ".result"
+
+
+def _write_result(mountpoint: str, failed: list[File]) -> None:
+    """What the unmount left behind, for ``cloudfs umount`` to report."""
+    with contextlib.suppress(OSError), open(result_file(mountpoint), "w") as f:
+        f.write(str(len(failed)))
 
 
 def _write_pid(mountpoint: str) -> None:

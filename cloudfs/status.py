@@ -18,14 +18,16 @@ import trio
 from cloudfs.backends import Backend
 from cloudfs.cache.block_cache import BlockCache
 from cloudfs.cache.uploader import Uploader
+from cloudfs.cache.writeback import WritebackQueue
 
 
 def socket_path(pid_file: str) -> str:
     return pid_file.removesuffix(".pid") + ".sock"
 
 
-def snapshot(backend: Backend, cache: BlockCache, uploader: Uploader, mountpoint: str) -> dict[str, Any]:
-    pending = uploader.pending_entries()
+def snapshot(backend: Backend, cache: BlockCache, uploader: Uploader, queue: WritebackQueue,
+             mountpoint: str) -> dict[str, Any]:
+    pending = cache.pending_files()
     return {
         "mountpoint": mountpoint,
         "backend": backend.describe(),
@@ -42,10 +44,11 @@ def snapshot(backend: Backend, cache: BlockCache, uploader: Uploader, mountpoint
         },
         "uploads": {
             "pending_files": len(pending),
-            "pending_bytes": sum(e.size for e in pending),
-            "uploading": sorted(e.key for e in pending if e.uploading)[:20],
-            "uploaded_bytes": uploader.uploaded_bytes,
-            "errors": {e.key: str(uploader.errors[e.id]) for e in pending if e.id in uploader.errors},
+            "pending_bytes": sum(uploader.pending_bytes(f) for f in pending),
+            "uploading": sorted(f.key for f in pending if f.uploading)[:20],
+            "uploaded_bytes": uploader.sent_bytes,
+            "errors": {f.key: queue.errors[f.fid] for f in pending
+                       if f.fid is not None and f.fid in queue.errors},
         },
     }
 

@@ -123,15 +123,17 @@ def test_dead_server_gives_eio_not_hang(moto, tmp_path: Path) -> None:  # type: 
     finally:
         m.kill()
     # The pending upload survives in the cache directory (journal + block) for the next mount.
+    from cloudfs.cache import journal
     from cloudfs.cache.block_cache import BlockCache
 
+    identity = journal.read_json(str(tmp_path / "cache" / "cache.json"))["store"]
     cache = BlockCache(None, str(tmp_path / "cache"), block_size=8 * MiB,  # type: ignore[arg-type]
-                       max_bytes=512 * MiB, max_dirty=256 * MiB)
+                       max_bytes=512 * MiB, max_dirty=256 * MiB, store_identity=identity)
     try:
-        pending = {e.key: e for e in cache.open()}
-        entry = pending["open-while-offline"]
-        assert entry.size == 4
-        assert Path(entry.block_path(0)).read_bytes() == b"kept"
+        pending = {f.key: f for f in cache.open().pending}
+        file = pending["open-while-offline"]
+        assert file.size == 4
+        assert Path(file.block_path(0)).read_bytes() == b"kept"
     finally:
         cache.close()
 

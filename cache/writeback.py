@@ -1,0 +1,120 @@
+"""The write-back queue: which file to upload when (after rclone's vfs/vfscache/writeback).
+
+It knows ids, never files or the cache.  An id is due ``delay`` seconds after it was last
+scheduled, so a file that keeps changing is uploaded once it settles; ``expedite`` makes
+ids due at once (cache pressure, unmount).  ``run(store)`` calls ``store(id)`` for due ids,
+at most ``parallel`` at a time.  ``store`` returns None when the id is done, or a number of
+seconds after which to call it again (the file was busy); an exception is a failed try:
+the id is retried after a delay that doubles per consecutive failure, capped at
+``max_backoff``.  A success resets it.
+
+Rules: ids are scheduled from the trio thread only; one ``store`` call per id runs at a
+time (a schedule during the call makes it due again when the call returns).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from cloudfs.backends.errors import BackendError
+
+log = logging.getLogger(__name__)
+
+Store = Callable[[str], Awaitable[float | None]]
+
+
+class WritebackQueue:
+    def __init__(self, *, delay: float, parallel: int = 4, initial_backoff: float = 1.0,
+                 max_backoff: float = 300.0) -> None:
+        self.delay = delay
+        self.initial_backoff = initial_backoff
+        self.max_backoff = max_backoff
+        self.slots = trio.CapacityLimiter(parallel)
+        self._due: dict[str, float] = {}  # id -> monotonic due time (the heap may hold stale ones)
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+        self._running: set[str] = set()
+        self._again: set[str] = set()  # scheduled while its store() ran
+        self.tries: dict[str, int] = {}  # consecutive failures
+        self.retry_at: dict[str, float] = {}
+        self.errors: dict[str, str] = {}  # id -> last failure, for status
+        self._wakeup = trio.Event()
+
+    def __contains__(self, id: str) -> bool:
+        return id in self._due or id in self._running
+
+    def __len__(self) -> int:
+        return len(self._due.keys() | self._running)
+
+    def schedule(self, id: str, delay: float | None = None) -> None:
+        """Due ``delay`` (default: the write-back delay) from now, or when its backoff ends."""
+        if id in self._running:
+            self._again.add(id)
+            return
+        due = max(time.monotonic() + (self.delay if delay is None else delay), self.retry_at.get(id, 0.0))
+        self._push(id, due)
+
+    def expedite(self, id: str | None = None) -> None:
+        """Due now (one id, or every queued one); a failing id still waits for its backoff."""
+        now = time.monotonic()
+        for i in [id] if id is not None else list(self._due):
+            if i in self._running:
+                self._again.add(i)
+            elif i in self._due or id is not None:
+                self._push(i, max(now, self.retry_at.get(i, 0.0)))
+
+    def discard(self, id: str) -> None:
+        self._due.pop(id, None)
+        self._again.discard(id)
+        self.tries.pop(id, None)
+        self.retry_at.pop(id, None)
+        self.errors.pop(id, None)
+
+    def _push(self, id: str, due: float) -> None:
+        self._due[id] = due
+        heapq.heappush(self._heap, (due, next(self._seq), id))
+        self._wakeup.set()
+
+    async def run(self, store: Store, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                now = time.monotonic()
+                while self._heap and self._heap[0][0] <= now:
+                    due, _, id = heapq.heappop(self._heap)
+                    if self._due.get(id) != due:
+                        continue  # rescheduled since: a later entry stands for it
+                    del self._due[id]
+                    self._running.add(id)
+                    nursery.start_soon(self._one, store, id)
+                timeout = self._heap[0][0] - now if self._heap else 60.0
+                self._wakeup = trio.Event()
+                with trio.move_on_after(max(0.0, timeout)):
+                    await self._wakeup.wait()
+
+    async def _one(self, store: Store, id: str) -> None:
+        again: float | None = None
+        try:
+            async with self.slots:
+                again = await store(id)
+            self.tries.pop(id, None)
+            self.retry_at.pop(id, None)
+            self.errors.pop(id, None)
+        except (BackendError, OSError) as exc:
+            tries = self.tries[id] = self.tries.get(id, 0) + 1
+            wait = min(self.max_backoff, self.initial_backoff * 2 ** (tries - 1))
+            self.retry_at[id] = time.monotonic() + wait
+            self.errors[id] = str(exc)
+            log.error("upload failed (try %d), next in %.0fs: %s", tries, wait, exc)
+            again = wait
+        finally:
+            self._running.discard(id)
+        if id in self._again or again is not None:
+            self._again.discard(id)
+            self.schedule(id, again)

@@ -1,0 +1,601 @@
+"""The file system: POSIX calls over inodes, the block cache, the uploader and the store.
+
+This layer knows nothing of FUSE (:mod:`cloudfs.fs` is the adapter): its calls take inode
+numbers, handles and a :class:`Ctx`, return :class:`~cloudfs.inodes.Inode` objects, and
+fail with ``OSError(errno)``.  The in-process tests drive it directly.
+
+Who owns what (docs/concurrency.md has the full table):
+
+* a regular file's size, version, attributes and local state: its File, changed only
+  through :class:`~cloudfs.cache.block_cache.BlockCache` methods;
+* names and inode numbers: :class:`~cloudfs.inodes.InodeTable`;
+* what the store holds under each name, and what is remembered of it: :mod:`cloudfs.metadata`;
+* open files and folders: :mod:`cloudfs.handles`; renames: :mod:`cloudfs.rename`.
+
+The kernel's caches are told about changes it cannot see (a conflict gives a name to
+another version) through ``notify``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import trio
+
+from cloudfs import layout
+from cloudfs.backends import Backend, Payload
+from cloudfs.backends.errors import BackendError, NotFound
+from cloudfs.cache.block_cache import BlockCache
+from cloudfs.cache.file import File
+from cloudfs.cache.uploader import Uploader
+from cloudfs.layout import Attrs
+
+from .handles import DirHandle, FileHandle, Handles, ReadAhead
+from .inodes import ROOT_INODE, Inode, InodeTable, Meta, join, parent_of
+from .metadata import Metadata, MetadataOptions
+from .rename import Renamer
+
+log = logging.getLogger(__name__)
+
+XATTR_NAMESPACE = b"user."
+NAME_MAX = 255
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """Who makes a call (from the FUSE request)."""
+
+    uid: int = 0
+    gid: int = 0
+    pid: int = 0
+    umask: int = 0o022
+
+
+@dataclass
+class SetAttr:
+    """The attributes a setattr changes; None: unchanged."""
+
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    mtime_ns: int | None = None
+    atime_ns: int | None = None
+
+
+@dataclass
+class VfsOptions:
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
+    read_only: bool = False
+    attr_timeout: float = 10.0
+    dir_cache_time: float = 300.0
+    sync_upload: bool = False
+    readahead_blocks: int = 4
+
+
+class Notify:
+    """What the kernel is told about changes it did not make.  The FUSE adapter sends them
+    (pyfuse3.invalidate_entry_async); in-process tests record them."""
+
+    def entry_changed(self, parent_ino: int, name: str) -> None:
+        pass
+
+
+def fail(code: int, what: str = "") -> OSError:
+    return OSError(code, what or os.strerror(code))
+
+
+class VFS:
+    def __init__(self, backend: Backend, cache: BlockCache, uploader: Uploader, opts: VfsOptions,
+                 intents_dir: str, notify: Notify | None = None,
+                 nursery: trio.Nursery | None = None) -> None:
+        self.backend = backend
+        self.cache = cache
+        self.uploader = uploader
+        self.opts = opts
+        self.notify = notify or Notify()
+        self.nursery = nursery
+        root = Meta(Attrs(stat.S_IFDIR | 0o755, opts.uid, opts.gid, time.time_ns()), stored=True)
+        self.table = InodeTable(root, on_drop=self._dropped)
+        self.meta = Metadata(backend, cache, self.table,
+                             MetadataOptions(opts.uid, opts.gid, opts.attr_timeout, opts.dir_cache_time))
+        self.handles = Handles()
+        self.renamer = Renamer(backend, cache, self.table, intents_dir)
+
+    # ------------------------------------------------------------------ callbacks
+    def _dropped(self, inode: Inode) -> None:
+        if inode.file is not None:
+            self.cache.forget(inode.file)
+
+    def on_uploaded(self, file: File) -> None:
+        """The uploader stored ``file``: an inode nothing else pins may go now."""
+        inode = self.table.get(file.key)
+        if inode is not None and inode.file is file:
+            self.table.release(inode)
+
+    def on_conflict(self, file: File, old_key: str) -> None:
+        """A conflict: the store's version keeps ``old_key``, the local file now lives on under
+        ``file.key`` (its conflict name).  The inode follows it; the old name's next lookup
+        finds the store's version as a new inode."""
+        inode = self.table.get(old_key)
+        if inode is None or inode.file is not file:
+            return
+        self.table.move(old_key, file.key)
+        self.meta.removed(old_key)
+        self.meta.negative.pop(old_key, None)
+        self.meta.added(file.key)
+        parent = self.table.get(parent_of(old_key))
+        if parent is not None:
+            self.notify.entry_changed(parent.ino, old_key.rpartition("/")[2])
+
+    # ------------------------------------------------------------------ helpers
+    def inode(self, ino: int) -> Inode:
+        try:
+            return self.table[ino]
+        except KeyError:
+            raise fail(errno.ENOENT) from None
+
+    def _writable(self) -> None:
+        if self.opts.read_only:
+            raise fail(errno.EROFS)
+
+    def _path(self, parent: Inode, name: bytes) -> str:
+        if len(name) > NAME_MAX:
+            raise fail(errno.ENAMETOOLONG)
+        if not parent.is_dir:
+            raise fail(errno.ENOTDIR)
+        try:
+            text = os.fsdecode(name)
+            text.encode("utf-8")
+        except UnicodeError:
+            raise fail(errno.EINVAL, "names must be UTF-8") from None  # keys are UTF-8
+        return join(parent.path, text)
+
+    def _check_key(self, key: str) -> None:
+        self.backend.validate_key(key)
+
+    async def _lookup(self, path: str) -> Inode | None:
+        return await self.meta.lookup(path)
+
+    async def _existing(self, parent_ino: int, name: bytes) -> tuple[str, Inode]:
+        path = self._path(self.inode(parent_ino), name)
+        inode = await self._lookup(path)
+        if inode is None:
+            raise fail(errno.ENOENT)
+        return path, inode
+
+    # ------------------------------------------------------------------ lookups
+    async def lookup(self, parent_ino: int, name: bytes) -> Inode | None:
+        parent = self.inode(parent_ino)
+        if name == b".":
+            return parent
+        if name == b"..":
+            return self.table.get(parent_of(parent.path)) or self.table.root
+        return await self._lookup(self._path(parent, name))
+
+    def forget(self, items: list[tuple[int, int]]) -> None:
+        for ino, n in items:
+            self.table.forget(ino, n)
+
+    # ------------------------------------------------------------------ attributes
+    async def setattr(self, ino: int, change: SetAttr, ctx: Ctx) -> Inode:
+        self._writable()
+        inode = self.inode(ino)
+        attrs = replace(inode.attrs, xattrs=dict(inode.attrs.xattrs))
+        if change.mode is not None:
+            attrs.mode = stat.S_IFMT(attrs.mode) | stat.S_IMODE(change.mode)
+        if change.uid is not None:
+            attrs.uid = change.uid
+        if change.gid is not None:
+            attrs.gid = change.gid
+        if change.mtime_ns is not None:
+            attrs.mtime_ns = change.mtime_ns
+        if change.size is not None:
+            if inode.file is None:
+                raise fail(errno.EISDIR if inode.is_dir else errno.EINVAL)
+            await self.cache.truncate(inode.file, change.size)
+            if change.mtime_ns is None:
+                attrs.mtime_ns = time.time_ns()
+        attr_change = (change.mode, change.uid, change.gid, change.mtime_ns) != (None,) * 4
+        if attr_change or change.size is not None:
+            await self._store_attrs(inode, attrs)
+        return inode
+
+    async def _store_attrs(self, inode: Inode, attrs: Attrs) -> None:
+        """New attributes: a file's go up with it (journaled now); a folder marker or a symlink
+        is updated on the store at once."""
+        meta_text = {**(inode.file.foreign if inode.file else inode.meta.foreign),  # type: ignore[union-attr]
+                     **layout.encode(attrs)}
+        if layout.metadata_size(meta_text) > self.backend.capabilities.max_metadata_bytes:
+            raise fail(errno.ENOSPC, "attributes do not fit in the store's metadata")
+        file = inode.file
+        if file is not None:
+            was_clean = not file.pending and file.base is not None
+            self.cache.set_attrs(file, attrs)  # journaled: from here on it survives a crash
+            if was_clean:
+                # A stored object's attributes go up at once (a metadata-only update); if the
+                # store fails, the change stays pending and the write-back queue retries it.
+                try:
+                    await self.uploader.flush(file)
+                except BackendError as exc:
+                    log.warning("%s: attributes stay pending: %s", file.key, exc)
+            return
+        meta = inode.meta
+        assert meta is not None
+        if inode.ino == ROOT_INODE:
+            if not self.backend.prefix:
+                # A bucket's root has no object to keep attributes in: times live for the
+                # mount only, anything else is refused.
+                if (attrs.mode, attrs.uid, attrs.gid, attrs.xattrs) != (
+                        meta.attrs.mode, meta.attrs.uid, meta.attrs.gid, meta.attrs.xattrs):
+                    raise fail(errno.EPERM, "the root of a bucket has no object to store attributes in")
+                meta.attrs = attrs
+                return
+            # Mounted on a prefix: the prefix's own folder marker holds them.
+            meta.etag = await self.backend.put("", Payload.from_bytes(b""), meta_text)
+        elif inode.is_dir:
+            meta.etag = await self.backend.put(inode.key, Payload.from_bytes(b""), meta_text)
+        else:
+            meta.etag = await self.backend.set_metadata(inode.key, meta_text)
+        meta.attrs, meta.stored, meta.ctime_ns = attrs, True, time.time_ns()
+        meta.refreshed = time.monotonic()
+
+    async def load_root(self) -> None:
+        """Read the root's attributes from the prefix marker, when mounted on a prefix."""
+        if not self.backend.prefix:
+            return
+        try:
+            info = await self.backend.head("")
+        except NotFound:
+            return
+        root = self.table.root.meta
+        assert root is not None
+        decoded = self.meta.decode(info, is_dir=True)
+        root.attrs, root.etag, root.stored = decoded, info.etag, True
+        root.foreign = layout.foreign(info.metadata)
+
+    # ------------------------------------------------------------------ directories
+    async def mkdir(self, parent_ino: int, name: bytes, mode: int, ctx: Ctx) -> Inode:
+        self._writable()
+        path = self._path(self.inode(parent_ino), name)
+        self._check_key(path + "/")
+        if await self._lookup(path) is not None:
+            raise fail(errno.EEXIST)
+        attrs = Attrs(stat.S_IFDIR | stat.S_IMODE(mode), ctx.uid, ctx.gid, time.time_ns())
+        etag = await self.backend.put(path + "/", Payload.from_bytes(b""), layout.encode(attrs))
+        inode = self.table.add(path, meta=Meta(attrs, etag, True))
+        self.meta.created_dir(path)
+        return inode
+
+    async def _is_empty(self, inode: Inode) -> bool:
+        if self.meta.pending_below(inode.path):
+            return False
+        page = await self.backend.list_page(inode.key, "/", None, 2)
+        return not page.prefixes and all(o.key == inode.key for o in page.objects)
+
+    async def rmdir(self, parent_ino: int, name: bytes, ctx: Ctx) -> None:
+        self._writable()
+        if name == b".":
+            raise fail(errno.EINVAL)
+        path, inode = await self._existing(parent_ino, name)
+        if not inode.is_dir:
+            raise fail(errno.ENOTDIR)
+        if not await self._is_empty(inode):
+            raise fail(errno.ENOTEMPTY)
+        await self.backend.delete(inode.key)
+        self.table.detach(inode)
+        self.meta.removed(path)
+
+    def opendir(self, ino: int) -> DirHandle:
+        inode = self.inode(ino)
+        if not inode.is_dir:
+            raise fail(errno.ENOTDIR)
+        return self.handles.open_dir(inode)
+
+    async def readdir(self, fh: int, start: int) -> list[tuple[bytes, Inode, int]]:
+        """Entries from index ``start`` on, as (name, inode, next index); as many as one listing
+        page gives (the adapter asks again for more until it gets none)."""
+        handle = self.handles.dir(fh)
+        while start >= len(handle.entries) and await self._fill(handle):
+            pass
+        out = []
+        for i in range(start, len(handle.entries)):
+            name, inode = handle.entries[i]
+            out.append((name, inode, i + 1))
+        return out
+
+    async def _fill(self, handle: DirHandle) -> bool:
+        """One more listing page into the handle; False when the listing is done."""
+        if handle.done:
+            return False
+        path = handle.inode.path
+        if not handle.started:
+            handle.started = True
+            handle.add(".", handle.inode)
+            handle.add("..", self.table.get(parent_of(path)) or self.table.root)
+            for child in self.meta.local_children(path):
+                handle.add(child.path.rpartition("/")[2], child)
+        page = await self.meta.list_page(path, handle.token)
+        for inode in page.entries:
+            handle.add(inode.path.rpartition("/")[2], inode)
+        handle.token = page.token
+        handle.done = page.done
+        if page.done:
+            self.meta.listing_done(path, handle.seen - {".", ".."})
+        return True
+
+    def releasedir(self, fh: int) -> None:
+        self.handles.dirs.pop(fh, None)
+
+    # ------------------------------------------------------------------ files
+    async def create(self, parent_ino: int, name: bytes, mode: int, flags: int, ctx: Ctx
+                     ) -> tuple[FileHandle, Inode]:
+        self._writable()
+        path = self._path(self.inode(parent_ino), name)
+        self._check_key(path)
+        existing = await self._lookup(path)
+        if existing is not None:
+            # The kernel sends CREATE while it holds a negative entry: another tool may have
+            # made the name meanwhile.  Open it as it is (O_TRUNC only if asked for).
+            if flags & os.O_EXCL:
+                raise fail(errno.EEXIST)
+            if existing.is_dir:
+                raise fail(errno.EISDIR)
+            return await self.open(existing.ino, flags, ctx), existing
+        attrs = Attrs(stat.S_IFREG | stat.S_IMODE(mode), ctx.uid, ctx.gid, time.time_ns())
+        file = self.cache.new_file(path, attrs)
+        self.renamer.adopt(file)
+        inode = self.table.add(path, file=file)
+        self.meta.added(path)
+        return self._open_handle(inode, file, flags), inode
+
+    def _open_handle(self, inode: Inode, file: File, flags: int) -> FileHandle:
+        self.cache.open_handle(file)
+        return self.handles.open_file(inode, file, flags, ReadAhead(self.cache.block_size,
+                                                                    self.opts.readahead_blocks))
+
+    async def open(self, ino: int, flags: int, ctx: Ctx) -> FileHandle:
+        inode = self.inode(ino)
+        if inode.is_dir:
+            raise fail(errno.EISDIR)
+        if inode.file is None:
+            raise fail(errno.ELOOP if flags & os.O_NOFOLLOW else errno.EINVAL)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            self._writable()
+        file = inode.file
+        handle = self._open_handle(inode, file, flags)
+        if flags & os.O_TRUNC and file.size:
+            try:
+                await self.cache.truncate(file, 0)
+                attrs = replace(file.attrs, mtime_ns=time.time_ns())
+                self.cache.set_attrs(file, attrs)
+            except BaseException:
+                await self.release(handle.fh)
+                raise
+        return handle
+
+    def keep_cache(self, handle: FileHandle) -> bool:
+        """Whether the kernel may keep the pages it cached for this inode: yes unless the
+        file's blocks stopped meaning what they meant (a rebase the kernel did not see)."""
+        keep = handle.inode.kernel_epoch == handle.file.epoch
+        handle.inode.kernel_epoch = handle.file.epoch
+        return keep
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        handle = self.handles.file(fh)
+        if not handle.readable:
+            raise fail(errno.EBADF)
+        data = await self.cache.read(handle.file, offset, size)
+        ahead = handle.readahead.advise(offset, offset + len(data))
+        if ahead and self.nursery is not None and data:
+            for block in self.cache.prefetch_range(handle.file, offset + len(data) - 1, ahead):
+                self.nursery.start_soon(self._prefetch, handle.file, block)
+        return data
+
+    async def _prefetch(self, file: File, block: int) -> None:
+        try:
+            await self.cache.ensure_block(file, block)
+        except (BackendError, OSError) as exc:  # read-ahead is optional: never let it end the mount
+            log.debug("read-ahead of %s block %d failed: %s", file.key, block, exc)
+
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
+        self._writable()
+        handle = self.handles.file(fh)
+        if not handle.writable:
+            raise fail(errno.EBADF)
+        if offset + len(data) > self.backend.capabilities.max_part_size * self.backend.capabilities.max_parts:
+            raise fail(errno.EFBIG)
+        return await self.cache.write(handle.file, offset, data)
+
+    async def flush(self, fh: int) -> None:
+        handle = self.handles.file(fh)
+        if handle.file.pending and self.opts.sync_upload:
+            await self.uploader.flush(handle.file)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self.handles.file(fh)
+        file = handle.file
+        if not file.pending:
+            return
+        if self.opts.sync_upload:
+            await self.uploader.flush(file)
+        else:
+            await self.cache.make_durable(file)
+
+    async def release(self, fh: int) -> None:
+        handle = self.handles.files.pop(fh, None)
+        if handle is None:
+            return
+        file = handle.file
+        doomed = self.cache.close_handle(file)
+        if doomed is not None:
+            await self._delete_unlinked(file, doomed.etag)
+        self.table.release(handle.inode)
+
+    async def _delete_unlinked(self, file: File, etag: str | None) -> None:
+        """Delete the stored version of a file unlinked while open, unless its name now holds
+        something else (a new file made here, or another version)."""
+        key = file.key
+        try:
+            if key not in self.cache.by_key:
+                info = await self.backend.head(key)
+                if info.etag == etag:
+                    await self.backend.delete(key)
+        except NotFound:
+            pass
+        self.cache.deleted(file)
+
+    async def unlink(self, parent_ino: int, name: bytes, ctx: Ctx) -> None:
+        self._writable()
+        path, inode = await self._existing(parent_ino, name)
+        if inode.is_dir:
+            raise fail(errno.EISDIR)
+        await self._remove_file(inode)
+        self.table.detach(inode)
+        self.meta.removed(path)
+
+    async def _remove_file(self, inode: Inode) -> None:
+        """The object at ``inode``'s name goes away: journaled first, so a crash can neither
+        resurrect the file nor leave its object behind."""
+        file = inode.file
+        if file is None:  # a symlink
+            await self.backend.delete(inode.key)
+            return
+        await file.idle.wait()  # an upload finishing later would resurrect it
+        await self.uploader.discard(file)
+        stored = file.base
+        if stored is None:
+            self.cache.unlink(file)
+            return
+        if file.opens and not self._fully_cached(file):
+            # Open handles may still read blocks of the stored version: delete it at last close.
+            if file.fid is not None:
+                self.cache.unlink(file, delete_on_close=stored)
+                return
+        if file.fid is not None:
+            self.cache.unlink(file, delete_on_close=stored)  # the journal says "delete this"
+            await self.backend.delete(inode.key)
+            if not file.opens:
+                self.cache.deleted(file)
+            else:
+                file.delete_on_close = None
+        else:
+            await self.backend.delete(inode.key)
+            self.cache.unlink(file)
+
+    def _fully_cached(self, file: File) -> bool:
+        bs = self.cache.block_size
+        return all(b in file.present for b in range(0, -(-file.fetch_limit // bs)))
+
+    # ------------------------------------------------------------------ renames
+    async def rename(self, parent_old: int, name_old: bytes, parent_new: int, name_new: bytes,
+                     flags: int, ctx: Ctx) -> None:
+        self._writable()
+        if flags & ~RENAME_NOREPLACE:
+            raise fail(errno.EINVAL, "rename flags other than RENAME_NOREPLACE are not supported")
+        old, inode = await self._existing(parent_old, name_old)
+        new = self._path(self.inode(parent_new), name_new)
+        self._check_key(new + ("/" if inode.is_dir else ""))
+        if old == new:
+            return
+        if inode.is_dir and (new + "/").startswith(old + "/"):
+            raise fail(errno.EINVAL)
+        target = await self._lookup(new)
+        if target is not None:
+            if flags & RENAME_NOREPLACE:
+                raise fail(errno.EEXIST)
+            if target.is_dir and not inode.is_dir:
+                raise fail(errno.EISDIR)
+            if inode.is_dir and not target.is_dir:
+                raise fail(errno.ENOTDIR)
+            if target.is_dir and not await self._is_empty(target):
+                raise fail(errno.ENOTEMPTY)
+        if target is not None and not target.is_dir:
+            if inode.file is not None and inode.file.base is None:
+                await self._remove_file(target)  # nothing of ours overwrites its object on the store
+            else:
+                await self._replaced(target)
+        await self.renamer.rename(inode, new, inode.attrs if inode.is_dir else None)
+        if target is not None:
+            self.table.detach(target)
+        self.table.move(old, new)
+        self.meta.removed(old)
+        self.meta.added(new)
+
+    async def _replaced(self, target: Inode) -> None:
+        """A file the rename replaces: its object is overwritten by the move, so only the local
+        state goes (open handles keep what they have)."""
+        file = target.file
+        if file is None:
+            return
+        await file.idle.wait()
+        await self.uploader.discard(file)
+        self.cache.unlink(file)
+
+    # ------------------------------------------------------------------ symlinks, links, nodes
+    async def symlink(self, parent_ino: int, name: bytes, target: bytes, ctx: Ctx) -> Inode:
+        self._writable()
+        path = self._path(self.inode(parent_ino), name)
+        self._check_key(path)
+        if await self._lookup(path) is not None:
+            raise fail(errno.EEXIST)
+        attrs = Attrs(stat.S_IFLNK | 0o777, ctx.uid, ctx.gid, time.time_ns(), size=len(target))
+        etag = await self.backend.put(path, Payload.from_bytes(target), layout.encode(attrs))
+        inode = self.table.add(path, meta=Meta(attrs, etag, True, target=target))
+        self.meta.added(path)
+        return inode
+
+    async def readlink(self, ino: int) -> bytes:
+        inode = self.inode(ino)
+        if not inode.is_symlink or inode.meta is None:
+            raise fail(errno.EINVAL)
+        if inode.meta.target is None:
+            inode.meta.target = await self.backend.get_range(inode.path)
+        return inode.meta.target
+
+    # ------------------------------------------------------------------ xattrs
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        try:
+            return self.inode(ino).attrs.xattrs[name]
+        except KeyError:
+            raise fail(errno.ENODATA) from None
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        return list(self.inode(ino).attrs.xattrs)
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        self._writable()
+        if not name.startswith(XATTR_NAMESPACE):
+            raise fail(errno.ENOTSUP, "only user.* extended attributes are stored")
+        inode = self.inode(ino)
+        attrs = replace(inode.attrs, xattrs={**inode.attrs.xattrs, name: value})
+        await self._store_attrs(inode, attrs)
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        self._writable()
+        if not name.startswith(XATTR_NAMESPACE):
+            raise fail(errno.ENOTSUP, "only user.* extended attributes are stored")
+        inode = self.inode(ino)
+        if name not in inode.attrs.xattrs:
+            raise fail(errno.ENODATA)
+        attrs = replace(inode.attrs, xattrs={k: v for k, v in inode.attrs.xattrs.items() if k != name})
+        await self._store_attrs(inode, attrs)
+
+    # ------------------------------------------------------------------ start-up
+    async def recover(self, deletions: list[File]) -> None:
+        """After a crash: finish interrupted renames, delete what was unlinked while open."""
+        await self.renamer.replay()
+        for file in deletions:
+            assert file.delete_on_close is not None
+            await self._delete_unlinked(file, file.delete_on_close.etag)
+
+
+RENAME_NOREPLACE = 1  # linux/fs.h
+OnConflict = Callable[[File, str], None]

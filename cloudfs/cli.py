@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("umount", help="upload pending data, then unmount (waits)")
     u.add_argument("mountpoint", nargs="?")
     u.add_argument("--profile", help="unmount the mountpoint of this profile")
+    u.add_argument("--lazy", action="store_true",
+                   help="detach now even if programs still use the mount (they keep what they have open)")
     st = sub.add_parser("status", help="show cache use, pending uploads and backend requests")
     st.add_argument("mountpoint")
     st.add_argument("--json", action="store_true", help="machine-readable output")
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                 mountpoint = mountpoint or _load_profile(args.profile).mountpoint
             if not mountpoint:
                 raise MountError("usage: cloudfs umount MOUNTPOINT (or --profile NAME)", 2)
-            unmount(mountpoint)
+            unmount(mountpoint, lazy=args.lazy)
             return 0
         if args.command == "status":
             return _status(args)

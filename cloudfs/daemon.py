@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -35,7 +36,7 @@ from cloudfs.cache.writeback import WritebackQueue
 from . import notify, status
 from .fs import CloudFS, KernelNotify
 from .options import MountOptions, default_cache_dir, parse, split_options
-from .vfs import VFS, VfsOptions
+from .vfs import VFS, Notify, VfsOptions
 
 log = logging.getLogger("cloudfs")
 
@@ -202,7 +203,7 @@ def _serve(plan: MountPlan, ready_fd: int | None, detach: bool) -> int:
             await plan.backend.check()
         except BackendError as exc:
             raise MountError(f"{plan.backend.describe()}: {exc}", 1) from None
-        mount = _build(plan)
+        mount = build(plan.backend, plan.cache_dir, opts, KernelNotify())
         try:
             recovered = mount.cache.open()
         except CacheLocked as exc:
@@ -258,7 +259,7 @@ def _serve(plan: MountPlan, ready_fd: int | None, detach: bool) -> int:
             log.error("%d file(s) could not be uploaded; they stay in %s and are uploaded on the "
                       "next mount", len(failed), plan.cache_dir)
             state["code"] = 1
-        _write_result(plan.mountpoint, failed)
+        _write_result(plan.mountpoint, failed, plan.cache_dir)
         cache.close()
         plan.backend.close()
 
@@ -301,28 +302,26 @@ class Mount:
     vfs: VFS
 
 
-def _build(plan: MountPlan) -> Mount:
-    opts = plan.opts
+def build(backend: Backend, cache_dir: str, opts: MountOptions, notify: Notify) -> Mount:
+    """Wire queue, cache, uploader and file system for one mount (the cache is not open yet)."""
     queue = WritebackQueue(delay=opts.writeback_delay, parallel=opts.transfers)
-    holder: dict[str, Any] = {}
-    cache = BlockCache(plan.backend, plan.cache_dir, block_size=opts.block_size,
+    late: dict[str, Any] = {}  # the uploader and VFS need the cache, which calls back into them
+    cache = BlockCache(backend, cache_dir, block_size=opts.block_size,
                        max_bytes=opts.cache_size, max_dirty=opts.max_dirty or opts.cache_size // 2,
                        min_free=opts.min_free, readahead_blocks=opts.readahead,
-                       store_identity=plan.backend.describe(),
+                       store_identity=backend.describe(),
                        on_dirty=lambda f: queue.schedule(f.fid),
-                       on_pressure=lambda: holder["uploader"].pressure(),
-                       complete_upload=lambda f: holder["uploader"].flush(f))
-    vfs_box: dict[str, VFS] = {}
-    uploader = Uploader(cache, plan.backend, queue,
-                        on_conflict=lambda f, old: vfs_box["vfs"].on_conflict(f, old),
-                        on_uploaded=lambda f: vfs_box["vfs"].on_uploaded(f))
-    holder["uploader"] = uploader
-    vfs = VFS(plan.backend, cache, uploader,
+                       on_pressure=lambda: late["uploader"].pressure(),
+                       complete_upload=lambda f: late["uploader"].flush(f))
+    uploader = Uploader(cache, backend, queue,
+                        on_conflict=lambda f, old: late["vfs"].on_conflict(f, old),
+                        on_uploaded=lambda f: late["vfs"].on_uploaded(f))
+    vfs = VFS(backend, cache, uploader,
               VfsOptions(uid=opts.uid, gid=opts.gid, read_only=opts.read_only,
                          attr_timeout=opts.attr_timeout, sync_upload=opts.sync_upload,
                          dir_cache_time=opts.dir_cache_time, readahead_blocks=opts.readahead),
-              intents_dir=os.path.join(plan.cache_dir, "intents"), notify=KernelNotify())
-    vfs_box["vfs"] = vfs
+              intents_dir=os.path.join(cache_dir, "intents"), notify=notify)
+    late.update(uploader=uploader, vfs=vfs)
     return Mount(queue, cache, uploader, vfs)
 
 
@@ -338,10 +337,11 @@ def result_file(mountpoint: str) -> str:
     return pid_file(mountpoint).removesuffix(".pid") + ".result"
 
 
-def _write_result(mountpoint: str, failed: list[File]) -> None:
+def _write_result(mountpoint: str, failed: list[File], cache_dir: str) -> None:
     """What the unmount left behind, for ``cloudfs umount`` to report."""
+    result = {"files": len(failed), "bytes": sum(f.size for f in failed), "cache_dir": cache_dir}
     with contextlib.suppress(OSError), open(result_file(mountpoint), "w") as f:
-        f.write(str(len(failed)))
+        json.dump(result, f)
 
 
 def _write_pid(mountpoint: str) -> None:
@@ -367,33 +367,108 @@ def _raise_readahead(mountpoint: str) -> None:
             f.write("1024")
 
 
-def unmount(mountpoint: str, timeout: float = 3600.0) -> None:
-    """Ask the daemon to upload pending data and unmount; wait until it is gone."""
+def unmount(mountpoint: str, timeout: float = 3600.0, lazy: bool = False) -> None:
+    """Ask the daemon to upload pending data and unmount; wait until it is gone.
+
+    The kernel's dirty pages are synced first (they reach cloudfs only while the mount is
+    attached).  A mount still in use is refused, naming the processes that hold it, unless
+    ``lazy``: then it is detached now and the holders keep what they have open.
+    """
     mountpoint = canonical(mountpoint)
     if not is_mounted(mountpoint):
         raise MountError(f"{mountpoint} is not mounted", 1)
+    _syncfs(mountpoint)
+    if not lazy:
+        holders = busy_holders(mountpoint)
+        if holders:
+            raise MountError(f"{mountpoint} is busy (used by {', '.join(holders[:5])}"
+                             f"{' and more' if len(holders) > 5 else ''}); close them, or use --lazy", 16)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(result_file(mountpoint))
     try:
         with open(pid_file(mountpoint)) as f:
             pid = int(f.read().strip())
         os.kill(pid, signal.SIGTERM)
     except (OSError, ValueError):
         pid = 0
+    if lazy or not pid:
         tool = ["fusermount3", "-u"] if shutil.which("fusermount3") else ["umount"]
-        if subprocess.run([*tool, mountpoint], check=False).returncode:
+        if lazy:
+            tool.append("-z" if tool[0] == "fusermount3" else "-l")
+        if subprocess.run([*tool, mountpoint], check=False).returncode and not pid:
             raise MountError(f"could not unmount {mountpoint}", 1) from None
     deadline = time.monotonic() + timeout
     progress = _UploadProgress(mountpoint) if sys.stderr.isatty() else None
     try:
         while time.monotonic() < deadline:
             if not is_mounted(mountpoint) and (not pid or not _alive(pid)):
+                _check_result(mountpoint)
                 return
             if progress is not None:
                 progress.update()
             time.sleep(0.1)
+    except KeyboardInterrupt:
+        raise MountError(f"{mountpoint}: stopped waiting; the upload goes on in the background "
+                         f"(cloudfs status {mountpoint})", 130) from None
     finally:
         if progress is not None:
             progress.close()
     raise MountError(f"{mountpoint}: unmount did not finish in {timeout:.0f}s", 1)
+
+
+def _check_result(mountpoint: str) -> None:
+    """The daemon's last word: files it could not upload stay in the cache directory."""
+    try:
+        with open(result_file(mountpoint)) as f:
+            result = json.load(f)
+        os.unlink(result_file(mountpoint))
+    except (OSError, ValueError):
+        return
+    if result.get("files"):
+        raise MountError(f"{result['files']} file(s), {result['bytes']} bytes could not be uploaded; "
+                         f"they stay in {result['cache_dir']} and are uploaded on the next mount", 1)
+
+
+def _syncfs(mountpoint: str) -> None:
+    """syncfs(2) on the mount: the kernel writes back its dirty pages to cloudfs."""
+    import ctypes
+
+    try:
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).syncfs(fd)
+    finally:
+        os.close(fd)
+
+
+def busy_holders(mountpoint: str) -> list[str]:
+    """Processes with a file, working directory or root below ``mountpoint`` ("pid (name)")."""
+    prefix = mountpoint.rstrip("/") + "/"
+    me = os.getpid()
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        base = f"/proc/{entry}"
+        links = [f"{base}/cwd", f"{base}/root"]
+        with contextlib.suppress(OSError):
+            links += [f"{base}/fd/{fd}" for fd in os.listdir(f"{base}/fd")]
+        for link in links:
+            try:
+                target = os.readlink(link)
+            except OSError:
+                continue
+            if target == mountpoint or target.startswith(prefix):
+                try:
+                    with open(f"{base}/comm") as f:
+                        name = f.read().strip()
+                except OSError:
+                    name = "?"
+                out.append(f"pid {entry} ({name})")
+                break
+    return out
 
 
 class _UploadProgress:

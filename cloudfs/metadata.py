@@ -60,6 +60,7 @@ class Metadata:
         self.negative: dict[str, float] = {}  # path -> absent until (monotonic)
         # Folders whose complete list of names is known: path -> (valid until, names).
         self.listed: dict[str, tuple[float, set[str]]] = {}
+        self.made_here: dict[str, float] = {}  # folders made by this mount -> until (monotonic)
         self.head_limiter = trio.CapacityLimiter(opts.head_parallel)
 
     # ------------------------------------------------------------------ decoding
@@ -100,13 +101,16 @@ class Metadata:
         if known is not None:
             known[1].discard(path.rpartition("/")[2])
         prefix = path + "/"
-        for key in [k for k in self.listed if k == path or k.startswith(prefix)]:
-            del self.listed[key]
+        for known in (self.listed, self.made_here):
+            for key in [k for k in known if k == path or k.startswith(prefix)]:
+                del known[key]
 
     def created_dir(self, path: str) -> None:
         """A folder made here is empty: all its names are known."""
         self.added(path)
-        self.listed[path] = (time.monotonic() + self.opts.attr_timeout, set())
+        until = time.monotonic() + self.opts.attr_timeout
+        self.listed[path] = (until, set())
+        self.made_here[path] = until
 
     # ------------------------------------------------------------------ lookups
     async def lookup(self, path: str) -> Inode | None:
@@ -123,6 +127,24 @@ class Metadata:
             if old is not None and not (old.file is not None and old.file.pending):
                 self.table.detach(old)
         return found
+
+    async def lookup_for_create(self, path: str) -> Inode | None:
+        """What is at ``path`` right before a create.  The kernel sends CREATE while it holds a
+        negative entry, so remembered absence is not trusted: one HEAD asks the store, except
+        in a folder this mount made within ``attr_timeout`` (nothing else knew its name)."""
+        inode = self.table.get(path)
+        if inode is not None and self.fresh(inode):
+            return inode
+        made = self.made_here.get(parent_of(path), 0.0) > time.monotonic()
+        if made and inode is None:
+            return None
+        try:
+            info = await self.backend.head(path)
+        except NotFound:
+            return await self.lookup(path) if inode is not None else None
+        if self._is_folder_blob(info) or self.decode(info, is_dir=False).is_dir:
+            return await self.resolve(path, inode)
+        return self.remember_file(path, info)
 
     def pending_below(self, path: str) -> bool:
         """Whether a file with changes not yet uploaded lies below ``path`` (so the folder exists)."""

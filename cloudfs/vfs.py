@@ -340,7 +340,7 @@ class VFS:
         self._writable()
         path = self._path(self.inode(parent_ino), name)
         self._check_key(path)
-        existing = await self._lookup(path)
+        existing = await self.meta.lookup_for_create(path)
         if existing is not None:
             # The kernel sends CREATE while it holds a negative entry: another tool may have
             # made the name meanwhile.  Open it as it is (O_TRUNC only if asked for).

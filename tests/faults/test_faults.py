@@ -215,7 +215,7 @@ def test_cli_errors(tmp_path: Path, moto) -> None:  # type: ignore[no-untyped-de
     mnt = str(tmp_path / "mnt")
     cases = [
         (["mount", "ftp://x/y", mnt], 2, "unknown URL scheme"),
-        (["mount", "b2://bucket", mnt], 2, "reserved"),
+        (["mount", "b2://x", mnt], 2, "not a B2 bucket name"),
         (["mount", f"file://{tmp_path}/nope", mnt], 1, "does not exist"),
         (["mount", f"file://{tmp_path}", str(tmp_path / "missing")], 2, "does not exist"),
         (["mount", f"file://{tmp_path}", mnt, "-o", "bogus=1"], 2, "unknown mount option"),

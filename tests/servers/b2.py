@@ -34,6 +34,8 @@ Where the simulator differs from B2, this server follows B2 (the tests are not w
   ``list_file_names``: B2 does not list them there;
 * ``list_file_names`` had no ``delimiter``; it has B2's (folders come back with
   ``action: "folder"``);
+* a key restricted to a bucket could not upload, hide or copy (the bucket was not checked
+  with its id); the request's bucket is used;
 * ``hide_file`` on a name with no visible version answers 400 ``no_such_file`` (an already
   hidden one ``already_hidden``), as B2 does; an expired token answers 401
   ``expired_auth_token``.
@@ -127,6 +129,8 @@ class Bucket(BucketSimulator):
             if name == previous:
                 continue  # an older version
             previous = name
+            if not sim.is_visible():
+                continue  # hidden: not listed, and makes no folder
             if delimiter:
                 cut = name.find(delimiter, len(prefix))
                 if cut >= 0:
@@ -137,8 +141,6 @@ class Bucket(BucketSimulator):
                         files.append({"action": "folder", "fileName": folder, "fileId": None,
                                       "contentLength": 0, "fileInfo": {}, "uploadTimestamp": 0})
                     continue
-            if not sim.is_visible():
-                continue
             if len(files) == limit:
                 return {"files": files, "nextFileName": name}
             files.append(sim.as_list_files_dict(account_auth_token))
@@ -171,6 +173,16 @@ class Simulator(RawSimulator):
     def __init__(self) -> None:
         super().__init__()
         self.bucket_id_counter = itertools.count()
+
+    # The bucket the running request is about: the simulator checks a key restricted to a
+    # bucket with the bucket id, which several of its calls do not pass (so such keys could
+    # not upload, hide or copy at all).
+    request_bucket: str | None = None
+
+    def _assert_account_auth(self, api_url: str, account_auth_token: str, account_id: str, capability: str,
+                             bucket_id: str | None = None, file_name: str | None = None) -> None:
+        super()._assert_account_auth(api_url, account_auth_token, account_id, capability,
+                                     bucket_id or self.request_bucket, file_name)
 
     def copy_file(self, *args: Any, **kwargs: Any) -> Any:
         result = super().copy_file(*args, **kwargs)
@@ -352,6 +364,10 @@ class Handler(BaseHTTPRequestHandler):
                 self.server.faults.header_tokens += 1
                 if self.server.faults.header_tokens % 2 == 1 and token in self.server.sim.auth_token_to_key:
                     self.server.sim.expire_auth_token(token)
+        sim = self.server.sim
+        file_id = params.get("fileId") or params.get("sourceFileId") or params.get("largeFileId")
+        with self.server.lock:
+            sim.request_bucket = params.get("bucketId") or sim.file_id_to_bucket_id.get(file_id)
         self._run(op, lambda: handler(token, params))
 
     # ------------------------------------------------------------------ calls

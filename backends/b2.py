@@ -83,6 +83,7 @@ log = logging.getLogger(__name__)
 MB = 1000 * 1000
 MARKER = ".bzEmpty"
 MTIME_MILLIS = "src_last_modified_millis"
+LARGE_FILE_SHA1 = "large_file_sha1"
 STATE_FILE = "b2_account.json"
 CHUNK = 1024 * 1024
 _BUCKET_RE = re.compile(r"[A-Za-z0-9-]{6,50}")
@@ -388,8 +389,12 @@ class B2Backend(Backend):
             raise InvalidName(f"{MARKER} is the name of B2's folder markers")
 
     @staticmethod
-    def _file_info(metadata: dict[str, str]) -> dict[str, str]:
+    def _file_info(metadata: dict[str, str], new_content: bool = False) -> dict[str, str]:
         info = dict(metadata)
+        if new_content:
+            # The b2 CLI and rclone check a large file's whole SHA1 against this key: carried
+            # over from an older version onto new content, it would fail their downloads.
+            info.pop(LARGE_FILE_SHA1, None)
         millis = mtime_millis(metadata["mtime"]) if "mtime" in metadata else None
         if millis is not None:
             info[MTIME_MILLIS] = millis
@@ -505,7 +510,7 @@ class B2Backend(Backend):
             if if_match and (current is None or current.get("fileId") != if_match):
                 raise PreconditionFailed(f"b2://{self.bucket}/{key}: changed by someone else")
         sha1 = _sha1(payload)
-        info = self._file_info(metadata)
+        info = self._file_info(metadata, new_content=True)
 
         def send(url: str, token: str) -> Any:
             with payload.open() as body:
@@ -611,7 +616,7 @@ class B2Backend(Backend):
     # ------------------------------------------------------------------ large files
     def _mpu_create(self, key: str, metadata: dict[str, str]) -> str:
         resp = self._rpc("writeFiles", "start_large_file", self._current().bucket_id, self._name(key),
-                         self.content_type(key), self._file_info(metadata))
+                         self.content_type(key), self._file_info(metadata, new_content=True))
         return resp["fileId"]
 
     def _mpu_part(self, key: str, upload_id: str, number: int, payload: Payload) -> str:

@@ -104,6 +104,17 @@ def test_written_files_download_intact_with_b2sdk(backend: Backend, target: Targ
     assert run(backend.head, "out/data.bin").metadata == {"mode": "33188", "mtime": "1700000000.250000000"}
 
 
+def test_large_file_sha1_of_other_tools_is_dropped_with_new_content(backend: Backend, target: Target) -> None:
+    sha1 = hashlib.sha1(b"old").hexdigest()
+    target.sdk.upload_bytes(b"old", "cli/large", file_info={"large_file_sha1": sha1, "note": "kept"})
+    meta = dict(run(backend.head, "cli/large").metadata or {})
+    run(backend.set_metadata, "cli/large", {**meta, "mode": "33152"})  # same content: kept
+    assert sdk_bytes(target, "cli/large")[1]["large_file_sha1"] == sha1
+    run(backend.put, "cli/large", Payload.from_bytes(b"new content"), meta)  # rewritten: dropped
+    _, info = sdk_bytes(target, "cli/large")
+    assert "large_file_sha1" not in info and info["note"] == "kept"
+
+
 def test_folder_marker_is_written_as_bzempty(backend: Backend, target: Target) -> None:
     run(backend.put, "dir/", Payload.from_bytes(b""), {"mode": "16877"})
     assert [v.file_name for v, _ in target.sdk.ls("dir/")] == ["dir/.bzEmpty"]

@@ -229,8 +229,8 @@ class B2Backend(Backend):
                 state = json.load(f)
         except (OSError, ValueError):
             return
-        if state.get("realm") == self.realm and state.get("key") == self._fingerprint() and (
-                state.get("bucket") == self.bucket):
+        if (state.get("realm"), state.get("key"), state.get("bucket"), state.get("prefix")) == (
+                self.realm, self._fingerprint(), self.bucket, self.prefix):
             with contextlib.suppress(KeyError, TypeError):
                 self._session = _Session(**state["session"])
 
@@ -242,7 +242,7 @@ class B2Backend(Backend):
         if self._state_path is None:
             return
         state = {"realm": self.realm, "key": self._fingerprint(), "bucket": self.bucket,
-                 "session": session.__dict__}
+                 "prefix": self.prefix, "session": session.__dict__}
         tmp = self._state_path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:

@@ -27,6 +27,7 @@ from cloudfs.backends.errors import (
     NotFound,
     PermissionDenied,
     QuotaExceeded,
+    Transient,
 )
 from tests.servers import Target
 from tests.servers.b2 import post_json, sdk_api
@@ -260,6 +261,15 @@ def test_caps_are_edquot_and_not_retried(backend: Backend, target: Target) -> No
         run(backend.put, "q/file", Payload.from_bytes(b"x"), {})
     assert exc.value.errno == errno.EDQUOT and "cap" in str(exc.value)
     assert backend.requests["put"] == 1
+
+
+def test_429_and_503_carry_retry_after_to_the_shared_retry(backend: Backend) -> None:
+    from b2sdk.v2 import exception as b2exc
+
+    for exc in (b2exc.TooManyRequests(retry_after_seconds="7"),
+                b2exc.ServiceError("503 service_unavailable busy", retry_after_seconds="7")):
+        mapped = backend._translate(exc)
+        assert isinstance(mapped, Transient) and mapped.retry_after == 7 and mapped.backoff
 
 
 def test_b2_test_mode_header_fails_some_uploads(target: Target) -> None:

@@ -12,14 +12,15 @@ from urllib.parse import unquote, urlsplit
 from .base import Backend, Capabilities, ListPage, ObjectInfo, PartInfo, Payload
 from .errors import ConfigError
 
-# scheme -> (module, class). az/gs arrive with their backends.
+# scheme -> (module, class).
 SCHEMES: dict[str, tuple[str, str]] = {
     "file": ("local", "LocalBackend"),
     "s3": ("s3", "S3Backend"),
     "az": ("azure", "AzureBackend"),
     "gs": ("gcs", "GCSBackend"),
+    "b2": ("b2", "B2Backend"),
 }
-RESERVED = {"b2", "swift"}
+RESERVED = {"swift"}
 
 __all__ = ["SCHEMES", "Backend", "Capabilities", "ListPage", "ObjectInfo", "PartInfo", "Payload",
            "backend_class", "open_backend"]

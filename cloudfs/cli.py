@@ -23,7 +23,7 @@ def _options_help() -> str:
     lines = [f"  {name.ljust(width)}  {text}" for name, text in OPTIONS.items()]
     return "mount options (-o name[=value],...):\n" + "\n".join(lines) + \
         "\n  backend options: endpoint, region, path_style, profile (s3); endpoint (az); " \
-        "endpoint, project, anonymous (gs)"
+        "endpoint, project, anonymous (gs); endpoint, b2_hard_delete (b2)"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -146,7 +146,7 @@ def markdown_table() -> str:
                       "`cloudfs mount --help` shows the same.",
                       "", "| option | meaning |", "|---|---|", *rows, "",
                       "Backend options: `endpoint`, `region`, `path_style`, `profile` (s3); `endpoint` (az); "
-                      "`endpoint`, `project`, `anonymous` (gs).", ""])
+                      "`endpoint`, `project`, `anonymous` (gs); `endpoint`, `b2_hard_delete` (b2).", ""])
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Every fault ends in a clear error and loses nothing that was promised.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import signal
 import stat
@@ -217,7 +218,7 @@ def test_cli_errors(tmp_path: Path, moto) -> None:  # type: ignore[no-untyped-de
     mnt = str(tmp_path / "mnt")
     cases = [
         (["mount", "ftp://x/y", mnt], 2, "unknown URL scheme"),
-        (["mount", "b2://bucket", mnt], 2, "reserved"),
+        (["mount", "b2://x", mnt], 2, "not a B2 bucket name"),
         (["mount", f"file://{tmp_path}/nope", mnt], 1, "does not exist"),
         (["mount", f"file://{tmp_path}", str(tmp_path / "missing")], 2, "does not exist"),
         (["mount", f"file://{tmp_path}", mnt, "-o", "bogus=1"], 2, "unknown mount option"),
@@ -290,3 +291,38 @@ def test_concurrent_readers_during_upload(local_target: Target, tmp_path: Path) 
         assert not bad
     finally:
         m.cleanup()
+
+
+@pytest.mark.backends("b2")
+def test_b2_expired_tokens_and_upload_503s_lose_nothing(target: Target, tmp_path: Path) -> None:
+    """Like B2's X-Bz-Test-Mode (expire_some_account_authorization_tokens, fail_some_uploads),
+    planned on the test server: the mount renews its token once and retries uploads on fresh
+    upload URLs; every file arrives intact, and the key is never written anywhere."""
+    from tests.servers.b2 import post_json
+
+    realm = target.extra["realm"]
+    m = Mount(target, tmp_path / "mnt", tmp_path / "cache", {"debug": "", "writeback_delay": "0"})
+    m.start()
+    files = {f"f{i}": os.urandom(1000 + i) for i in range(4)}
+    files["large"] = os.urandom(20 * MiB + 3)  # above the part size: a large file of 3 parts
+    try:
+        (m.path / "warm").write_bytes(b"w")
+        post_json(f"{realm}/cloudfs-test/faults", {"expire_tokens": True, "fail_uploads": 3})
+        for name, data in files.items():
+            (m.path / name).write_bytes(data)
+        m.stop()
+    finally:
+        m.cleanup()
+    for name, data in files.items():
+        got = io.BytesIO()
+        target.sdk.download_file_by_name(name).save(got)
+        assert got.getvalue() == data, name
+    log = (tmp_path / "cache" / "cloudfs.log").read_text()
+    assert log.count("session expired, re-authorizing") == 1
+    assert "retrying on a new upload URL" in log
+    key = target.env["B2_APPLICATION_KEY"].encode()
+    for path in (tmp_path / "cache").rglob("*"):
+        if path.is_file():
+            assert key not in path.read_bytes(), path
+    state = tmp_path / "cache" / "backend" / "b2_account.json"
+    assert stat.S_IMODE(state.stat().st_mode) == 0o600

@@ -1,13 +1,15 @@
 """Interoperability through a real mount: objects written with each store's own SDK (shaped as
-s3fs, rclone, gsutil, gcsfuse, blobfuse2 write them) appear correctly, and what the mount
+s3fs, rclone, gsutil, gcsfuse, blobfuse2, the b2 CLI write them) appear correctly, and what the mount
 writes reads back with the plain SDK."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
 import time
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +34,8 @@ class Raw:
             blob = sdk.bucket(self.t.extra["bucket"]).blob(key)
             blob.metadata = meta
             blob.upload_from_string(data)
+        elif kind == "b2":
+            sdk.upload_bytes(data, b2_name(key), file_info=meta)
         else:
             path = self.t.extra["root"] / key
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,6 +58,11 @@ class Raw:
         if kind == "gcs":
             blob = sdk.bucket(self.t.extra["bucket"]).get_blob(key)
             return blob.download_as_bytes(), dict(blob.metadata or {})
+        if kind == "b2":
+            downloaded = sdk.download_file_by_name(b2_name(key))
+            out = io.BytesIO()
+            downloaded.save(out)
+            return out.getvalue(), dict(downloaded.download_version.file_info)
         path = self.t.extra["root"] / key
         meta = json.loads(os.getxattr(path, "user.cloudfs.meta")) if path.is_file() else {}
         return (path.read_bytes() if path.is_file() else b""), meta
@@ -64,6 +73,11 @@ class Raw:
             return True
         except Exception:
             return False
+
+
+def b2_name(key: str) -> str:
+    """B2 names cannot end in '/': a folder is marked as its web UI does, with ``.bzEmpty``."""
+    return key + ".bzEmpty" if key.endswith("/") else key
 
 
 @pytest.fixture
@@ -123,6 +137,39 @@ def test_gcsfuse_and_gsutil_metadata(mnt: Mount, raw: Raw) -> None:
     assert (mnt.path / "g" / "fuse").stat().st_mtime_ns == 1_704_164_645_123_456_789
     st = (mnt.path / "g" / "util").stat()
     assert st.st_mtime_ns == 1_700_000_000 * 10**9 and stat.S_IMODE(st.st_mode) == 0o600
+
+
+@pytest.mark.backends("b2")
+def test_b2_cli_and_web_ui_files(mnt: Mount, raw: Raw) -> None:
+    raw.put("b2/cli.txt", b"uploaded by b2", {"src_last_modified_millis": "1600000000123"})
+    raw.put("b2/folder/", b"")  # the web UI's "create folder": b2/folder/.bzEmpty
+    raw.put("b2/gone", b"hidden")
+    mnt.target.sdk.hide_file("b2/gone")
+    settle()
+    st = (mnt.path / "b2" / "cli.txt").stat()
+    assert st.st_size == len(b"uploaded by b2") and st.st_mtime_ns == 1_600_000_000_123_000_000
+    assert sorted(os.listdir(mnt.path / "b2")) == ["cli.txt", "folder"]  # hidden files never show
+    assert os.listdir(mnt.path / "b2" / "folder") == []
+    assert not (mnt.path / "b2" / "gone").exists()
+
+
+@pytest.mark.backends("b2")
+def test_b2_rm_hides_and_hard_delete_removes_versions(target: Target, tmp_path: Path) -> None:
+    def versions(name: str) -> list[str]:
+        return [v.action for v in target.sdk.list_file_versions(name)]
+
+    for options, expected in (({}, ["hide", "upload"]), ({"b2_hard_delete": ""}, [])):
+        m = Mount(target, tmp_path / "mnt", tmp_path / "cache", options)
+        m.start()
+        try:
+            name = f"rm-{len(options)}"
+            (m.path / name).write_bytes(b"versioned")
+            m.remount()
+            os.unlink(m.path / name)
+            m.stop()
+        finally:
+            m.cleanup()
+        assert versions(name) == expected
 
 
 def test_mount_writes_plain_objects(mnt: Mount, raw: Raw) -> None:

@@ -18,8 +18,9 @@ SCHEMES: dict[str, tuple[str, str]] = {
     "s3": ("s3", "S3Backend"),
     "az": ("azure", "AzureBackend"),
     "gs": ("gcs", "GCSBackend"),
+    "swift": ("swift", "SwiftBackend"),
 }
-RESERVED = {"b2", "swift"}
+RESERVED = {"b2"}
 
 __all__ = ["SCHEMES", "Backend", "Capabilities", "ListPage", "ObjectInfo", "PartInfo", "Payload",
            "backend_class", "open_backend"]

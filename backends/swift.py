@@ -703,12 +703,14 @@ class SwiftBackend(Backend):
                 self._bulk_delete(container, names[i:i + step])
             return
         if len(names) == 1:
-            self._request("DELETE", self._path(container, names[0]), ok=(404,))
+            self._delete_one(container, names[0])
             return
         with ThreadPoolExecutor(min(DELETE_WORKERS, len(names))) as pool:
-            for fut in [pool.submit(self._guard, self._request, "DELETE", self._path(container, n),
-                                    ok=(404,)) for n in names]:
+            for fut in [pool.submit(self._guard, self._delete_one, container, n) for n in names]:
                 fut.result()
+
+    def _delete_one(self, container: str, name: str) -> None:
+        self._request("DELETE", self._path(container, name), ok=(404,))
 
     def _bulk_delete(self, container: str, names: list[str]) -> None:
         body = "\n".join(self._path(container, n) for n in names).encode()

@@ -103,7 +103,7 @@ class Server:
                 use = egg:swift#{kind}
                 """))
 
-    def _proxy_conf(self, name: str, port: int, pipeline: str, token_life: int) -> Path:
+    def _proxy_conf(self, name: str, port: int, pipeline: str, token_life: int, user: str) -> Path:
         path = self.etc / f"{name}.conf"
         path.write_text(textwrap.dedent(f"""\
             [DEFAULT]
@@ -123,7 +123,7 @@ class Server:
 
             [filter:tempauth]
             use = egg:swift#tempauth
-            user_{ACCOUNT}_{USER} = {KEY} .admin
+            user_{ACCOUNT}_{user} = {KEY} .admin
             token_life = {token_life}
             storage_url_scheme = default
 
@@ -195,20 +195,25 @@ class Server:
         self._spawn(f"swift-{kind}", [_binary(f"swift-{kind}-server"), str(self.etc / f"{kind}-server.conf"),
                                       "--verbose"], f"http://127.0.0.1:{self.ports[kind]}/", self.ports[kind])
 
-    def _start_proxy(self, name: str, port: int, pipeline: str, token_life: int) -> ManagedProcess:
-        conf = self._proxy_conf(name, port, pipeline, token_life)
+    def _start_proxy(self, name: str, port: int, pipeline: str, token_life: int,
+                     user: str = USER) -> ManagedProcess:
+        conf = self._proxy_conf(name, port, pipeline, token_life, user)
         return self._spawn(name, [_binary("swift-proxy-server"), str(conf), "--verbose"],
                            f"http://127.0.0.1:{port}/healthcheck", port)
 
     @contextlib.contextmanager
-    def proxy(self, *, bulk: bool = True, token_life: int = 86400) -> Iterator[str]:
-        """Another proxy on the same cluster (same memcached, so same tokens); yields its v1
-        auth URL and stops it by PID afterwards."""
+    def proxy(self, *, bulk: bool = True, token_life: int = 86400) -> Iterator[dict[str, str]]:
+        """Another proxy on the same cluster and account; yields the ``ST_*`` variables for it
+        and stops it by PID afterwards.  tempauth hands out a user's unexpired token again
+        (kept in the shared memcached), so each extra proxy has a user of its own: a short
+        ``token_life`` then really applies to the tokens it issues."""
         port = free_port()
+        user = f"proxy{port}"
         proc = self._start_proxy(f"swift-proxy-{port}", port, PIPELINE if bulk else PIPELINE_NO_BULK,
-                                 token_life)
+                                 token_life, user)
         try:
-            yield f"http://127.0.0.1:{port}/auth/v1.0"
+            yield {"ST_AUTH": f"http://127.0.0.1:{port}/auth/v1.0", "ST_USER": f"{ACCOUNT}:{user}",
+                   "ST_KEY": KEY}
         finally:
             proc.stop()
             self.procs.remove(proc)

@@ -297,6 +297,28 @@ def test_delete_many_in_bulk_and_without(backend_name: str, target: Target, swif
             plain.close()
 
 
+def test_dlo_when_the_cluster_has_no_slo(backend_name: str, target: Target, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    with target.extra["server"].proxy(slo=False) as env:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        b = open_backend(target.url)
+        try:
+            b.use_state_dir(str(tmp_path / "state"))
+            run(b.check)
+            data = os.urandom(2 * MiB + 9)
+            etag = upload_large(b, "dlo", data, MiB)
+            headers = target.sdk.head_object(target.extra["container"], "dlo")
+            assert headers["x-object-manifest"].startswith(f"{target.extra['container']}_segments/dlo/")
+            assert run(b.head, "dlo").etag == etag
+            assert run(b.get_range, "dlo", MiB - 3, 6) == data[MiB - 3:MiB + 3]
+            assert len(segments(target)) == 3
+            run(b.put, "dlo", Payload.from_bytes(b"plain"))  # the overwrite removes the segments
+            assert segments(target) == []
+        finally:
+            b.close()
+
+
 # ------------------------------------------------------------------ authentication
 def test_auth_order_from_environment() -> None:
     keystone = {"OS_AUTH_URL": "http://127.0.0.1:1/v3", "OS_USERNAME": "u", "OS_PASSWORD": "p",

@@ -10,7 +10,7 @@ README's test command installs them) provide the servers; nothing is mocked.  Th
 * tempauth keeps its tokens in memcached, so a memcached listens on loopback too;
 * the proxy pipeline is the one measured for the issue, plus ``bulk`` so that bulk delete is
   offered in ``/info``; :meth:`Server.proxy` starts further proxies on the same cluster with
-  another pipeline (no bulk) or a short tempauth ``token_life`` (token expiry tests).
+  another pipeline (no bulk, no SLO) or a short tempauth ``token_life`` (token expiry tests).
 
 Debian's 2.30 reads ``/etc/swift/swift.conf`` (the package installs one), pip's Swift reads
 it from ``swift_dir``: one is written there as well.
@@ -202,15 +202,18 @@ class Server:
                            f"http://127.0.0.1:{port}/healthcheck", port)
 
     @contextlib.contextmanager
-    def proxy(self, *, bulk: bool = True, token_life: int = 86400) -> Iterator[dict[str, str]]:
+    def proxy(self, *, bulk: bool = True, slo: bool = True, token_life: int = 86400
+              ) -> Iterator[dict[str, str]]:
         """Another proxy on the same cluster and account; yields the ``ST_*`` variables for it
         and stops it by PID afterwards.  tempauth hands out a user's unexpired token again
         (kept in the shared memcached), so each extra proxy has a user of its own: a short
         ``token_life`` then really applies to the tokens it issues."""
         port = free_port()
         user = f"proxy{port}"
-        proc = self._start_proxy(f"swift-proxy-{port}", port, PIPELINE if bulk else PIPELINE_NO_BULK,
-                                 token_life, user)
+        pipeline = PIPELINE if bulk else PIPELINE_NO_BULK
+        if not slo:
+            pipeline = pipeline.replace(" slo", "")
+        proc = self._start_proxy(f"swift-proxy-{port}", port, pipeline, token_life, user)
         try:
             yield {"ST_AUTH": f"http://127.0.0.1:{port}/auth/v1.0", "ST_USER": f"{ACCOUNT}:{user}",
                    "ST_KEY": KEY}

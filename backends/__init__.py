@@ -19,16 +19,14 @@ SCHEMES: dict[str, tuple[str, str]] = {
     "az": ("azure", "AzureBackend"),
     "gs": ("gcs", "GCSBackend"),
     "b2": ("b2", "B2Backend"),
+    "swift": ("swift", "SwiftBackend"),
 }
-RESERVED = {"swift"}
 
 __all__ = ["SCHEMES", "Backend", "Capabilities", "ListPage", "ObjectInfo", "PartInfo", "Payload",
            "backend_class", "open_backend"]
 
 
 def backend_class(scheme: str) -> type[Backend]:
-    if scheme in RESERVED:
-        raise ConfigError(f"{scheme}:// is reserved for a backend that is not built yet")
     if scheme not in SCHEMES:
         known = ", ".join(f"{s}://" for s in SCHEMES)
         raise ConfigError(f"unknown URL scheme {scheme + '://' if scheme else '(none)'}; use one of {known}")

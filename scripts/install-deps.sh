@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Install everything cloudfs and its tests need on a fresh Debian machine (run as root):
-# FUSE, the peers used by benchmarks, Node.js for Azurite, a virtualenv with cloudfs
-# (editable) and the Python test servers, and Azurite from npm.
+# FUSE, the peers used by benchmarks, Node.js for Azurite, OpenStack Swift and memcached for
+# the swift backend tests, a virtualenv with cloudfs (editable) and the Python test servers,
+# and Azurite from npm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr
-              rclone s3fs fio util-linux systemd psmisc procps nodejs npm)
+              rclone s3fs fio util-linux systemd psmisc procps nodejs npm
+              swift swift-proxy swift-object swift-container swift-account memcached)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

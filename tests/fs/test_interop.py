@@ -1,6 +1,6 @@
 """Interoperability through a real mount: objects written with each store's own SDK (shaped as
-s3fs, rclone, gsutil, gcsfuse, blobfuse2, the b2 CLI write them) appear correctly, and what the mount
-writes reads back with the plain SDK."""
+s3fs, rclone, gsutil, gcsfuse, blobfuse2, the b2 CLI and the swift CLI write them) appear
+correctly, and what the mount writes reads back with the plain SDK."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import pytest
 
 from tests.mounting import Mount
 from tests.servers import Target
+
+SWIFT_META = "x-object-meta-"
 
 
 class Raw:
@@ -36,6 +38,9 @@ class Raw:
             blob.upload_from_string(data)
         elif kind == "b2":
             sdk.upload_bytes(data, b2_name(key), file_info=meta)
+        elif kind == "swift":
+            sdk.put_object(self.t.extra["container"], key, data,
+                           headers={f"X-Object-Meta-{k}": v for k, v in meta.items()})
         else:
             path = self.t.extra["root"] / key
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,6 +68,12 @@ class Raw:
             out = io.BytesIO()
             downloaded.save(out)
             return out.getvalue(), dict(downloaded.download_version.file_info)
+        if kind == "swift":
+            headers, body = sdk.get_object(self.t.extra["container"], key)
+            # Swift stores "_" and "-" in metadata names alike (WSGI folds them) and answers in
+            # lower case, so names are compared in cloudfs's spelling.
+            return body, {k[len(SWIFT_META):].replace("-", "_"): v for k, v in headers.items()
+                          if k.startswith(SWIFT_META)}
         path = self.t.extra["root"] / key
         meta = json.loads(os.getxattr(path, "user.cloudfs.meta")) if path.is_file() else {}
         return (path.read_bytes() if path.is_file() else b""), meta

@@ -1,8 +1,9 @@
 """Open files and folders: a handle per open, keyed by the ``fh`` the kernel passes back.
 
 A :class:`FileHandle` holds what belongs to one open: its flags and its read-ahead state.
-What belongs to the file (size, content, attributes) stays on the File.  A read through a
-handle opened write-only, or a write through a read-only one, is EBADF.
+What belongs to the file (size, content, attributes) stays on the File.  A write through a
+read-only handle is EBADF (reads through write-only handles are the kernel's own, for
+partial pages under writeback caching).
 
 Read-ahead (after mountpoint-s3's prefetcher): each handle watches its own reads.  Once they
 have run sequentially for ``SEQUENTIAL_RUN`` bytes (the kernel's own read-ahead turns one
@@ -50,10 +51,6 @@ class FileHandle:
     file: File
     flags: int
     readahead: ReadAhead
-
-    @property
-    def readable(self) -> bool:
-        return self.flags & os.O_ACCMODE != os.O_WRONLY
 
     @property
     def writable(self) -> bool:

@@ -389,9 +389,9 @@ class VFS:
         return keep
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
+        # No access-mode check: with writeback caching the kernel reads partial pages through
+        # write-only handles (O_APPEND writers); a program cannot read through one anyway.
         handle = self.handles.file(fh)
-        if not handle.readable:
-            raise fail(errno.EBADF)
         data = await self.cache.read(handle.file, offset, size)
         ahead = handle.readahead.advise(offset, offset + len(data))
         if ahead and self.nursery is not None and data:

@@ -418,6 +418,7 @@ class AzureBackend(Backend):
 
         azure_token, pending = _unwrap_token(token)
         limit = max(1, min(limit, 5000))
+        paged: Any  # the SDK's pager; its by_page() iterator carries continuation_token
         if delimiter:
             paged = self._container.walk_blobs(name_starts_with=prefix or None, delimiter=delimiter,
                                                include=["metadata"], results_per_page=limit)

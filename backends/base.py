@@ -23,9 +23,9 @@ import itertools
 import logging
 import mimetypes
 import os
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar, cast
 
 import tenacity
 import trio
@@ -142,7 +142,7 @@ class Payload:
         assert self.path is not None
         if self.offset == 0 and self.size == os.path.getsize(self.path):
             return open(self.path, "rb")
-        return _RangeReader(self.path, self.offset, self.size)
+        return cast(BinaryIO, _RangeReader(self.path, self.offset, self.size))
 
 
 @dataclass
@@ -532,7 +532,7 @@ class Backend:
                                 self.full_key(src_key), start, length, src_etag)
         return PartInfo(number, etag)
 
-    async def mpu_complete(self, key: str, upload_id: str, parts: list[PartInfo]) -> str:
+    async def mpu_complete(self, key: str, upload_id: str, parts: Sequence[PartInfo]) -> str:
         return await self._call(self._mpu_complete, self.full_key(key), upload_id,
                                 sorted(parts, key=lambda p: p.number))
 

@@ -103,7 +103,7 @@ class GCSBackend(Backend):
         self.endpoint = endpoint
         self.client = _make_client(endpoint, project, anonymous)
         pool = requests.adapters.HTTPAdapter(pool_connections=4,
-                                             pool_maxsize=self.limiter.total_tokens + DELETE_WORKERS,
+                                             pool_maxsize=int(self.limiter.total_tokens) + DELETE_WORKERS,
                                              max_retries=0)
         self.client._http.mount("https://", pool)
         self.client._http.mount("http://", pool)
@@ -391,7 +391,8 @@ def _make_client(endpoint: str | None, project: str | None, anonymous: bool) -> 
 
     project = project or os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get("GCLOUD_PROJECT")
     emulator = os.environ.get("STORAGE_EMULATOR_HOST")
-    url = _normalise_endpoint(endpoint or emulator) if (endpoint or emulator) else None
+    given = endpoint or emulator
+    url = _normalise_endpoint(given) if given else None
     try:
         if url is not None:
             opts = ClientOptions(api_endpoint=url)

@@ -207,7 +207,7 @@ class KeystoneAuth(Auth):
             from keystoneauth1.identity import v3
         except ImportError:  # pragma: no cover - a dependency
             raise ConfigError("Keystone v3 auth needs keystoneauth1 (pip install keystoneauth1)") from None
-        args = {k: v for k, v in self._args.items() if v}
+        args: dict[str, Any] = {k: v for k, v in self._args.items() if v}
         plugin = (v3.ApplicationCredential if self.method == "application-credential" else v3.Password)(
             auth_url=self.auth_url, **args)
         sess = ks_session.Session(auth=plugin, timeout=TIMEOUT)
@@ -580,8 +580,8 @@ class SwiftBackend(Backend):
 
     def _head(self, key: str) -> ObjectInfo:
         if key.endswith("/"):
-            _, headers = self._marker_headers(key)
-            return self._info_from_headers(key, headers)
+            _, marker = self._marker_headers(key)
+            return self._info_from_headers(key, marker)
         headers = self._head_raw(key)
         if headers is None or (headers.get("content-type", "").split(";")[0] == DIRECTORY_TYPE
                                and int(headers.get("content-length", 0) or 0) == 0):
@@ -649,8 +649,8 @@ class SwiftBackend(Backend):
         if src == dst and metadata is not None:
             return self._set_metadata(src, metadata)
         if src.endswith("/"):
-            _, headers = self._marker_headers(src)
-            meta = decode_metadata(headers) if metadata is None else metadata
+            _, marker = self._marker_headers(src)
+            meta = decode_metadata(marker) if metadata is None else metadata
             return self._put(dst, Payload.from_bytes(b""), meta, None, False)
         headers = self._head_raw(src)
         if headers is None:

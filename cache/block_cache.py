@@ -949,17 +949,28 @@ class BlockCache:
         self._journal(file, durable=True)
         self._wake()
 
-    def close_multipart(self, file: File) -> None:
-        """The open upload was aborted: staged blocks that are still here are dirty again."""
+    def close_multipart(self, file: File) -> dict[int, int]:
+        """The open upload is gone (aborted, or forgotten by the store): staged blocks that are
+        still here are dirty again (returned with their generation).  A staged block already
+        evicted existed only in the upload: its bytes are lost, counted and logged."""
+        again: dict[int, int] = {}
+        lost = 0
         for block in list(file.staged):
             if block in file.present:
                 assert file.fid is not None
                 self.lru.pop((file.fid, block), None)
-                file.dirty[block] = file.gen
+                file.dirty[block] = again[block] = file.gen
                 self.dirty_bytes += file.charged.get(block, 0)
+            else:
+                lost += min(self.block_size, max(0, file.size - block * self.block_size))
+        if lost:
+            self.stats["lost_bytes"] += lost
+            log.error("%s: %d bytes existed only in a multipart upload the store no longer has",
+                      file.key, lost)
         file.staged.clear()
         file.open_upload = None
         self._journal(file)
+        return again
 
     def pending_files(self) -> list[File]:
         return list(self.pending)

@@ -274,6 +274,19 @@ class Uploader:
                 self.sent_bytes += snap.size
                 return etag
             upload = await self._open_upload(file, snap.key, part, self._tagged(file, snap.metadata))
+            return await self._send_multipart(file, snap, upload)
+        try:
+            return await self._send_multipart(file, snap, upload)
+        except NotFound:
+            if file.open_upload is not upload:
+                raise
+            # The store no longer has the upload kept open (an expiry rule, or a store that keeps
+            # uploads in memory, restarted): its blocks go again, in a new upload.
+            log.warning("%s: the open multipart upload is gone; uploading again", snap.key)
+            snap.dirty.update(self.cache.close_multipart(file))
+            return await self._send(file, snap)
+
+    async def _send_multipart(self, file: File, snap: Snapshot, upload: OpenUpload) -> str:
         parts: list[PartInfo] = []
         try:
             async with trio.open_nursery() as nursery:

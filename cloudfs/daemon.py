@@ -179,8 +179,8 @@ def mount(plan: MountPlan, foreground: bool) -> int:
         return 0
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
-    _, code, text = message.split(":", 2) if message.startswith("error:") else ("", "1", "")
-    raise MountError(text or "the mount process died before it was ready", int(code))
+    _, status, text = message.split(":", 2) if message.startswith("error:") else ("", "1", "")
+    raise MountError(text or "the mount process died before it was ready", int(status))
 
 
 def _report(fd: int | None, message: str) -> None:

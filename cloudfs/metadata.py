@@ -101,9 +101,11 @@ class Metadata:
         if known is not None:
             known[1].discard(path.rpartition("/")[2])
         prefix = path + "/"
-        for known in (self.listed, self.made_here):
-            for key in [k for k in known if k == path or k.startswith(prefix)]:
-                del known[key]
+        below = [k for k in self.listed if k == path or k.startswith(prefix)]
+        for key in below:
+            del self.listed[key]
+        for key in [k for k in self.made_here if k == path or k.startswith(prefix)]:
+            del self.made_here[key]
 
     def created_dir(self, path: str) -> None:
         """A folder made here is empty: all its names are known."""

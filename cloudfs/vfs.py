@@ -124,13 +124,14 @@ class VFS:
         """A conflict: the store's version keeps ``old_key``, the local file now lives on under
         ``file.key`` (its conflict name).  The inode follows it; the old name's next lookup
         finds the store's version as a new inode."""
+        new_key = file.key
         inode = self.table.get(old_key)
         if inode is None or inode.file is not file:
             return
-        self.table.move(old_key, file.key)
+        self.table.move(old_key, new_key)
         self.meta.removed(old_key)
         self.meta.negative.pop(old_key, None)
-        self.meta.added(file.key)
+        self.meta.added(new_key)
         parent = self.table.get(parent_of(old_key))
         if parent is not None:
             self.notify.entry_changed(parent.ino, old_key.rpartition("/")[2])

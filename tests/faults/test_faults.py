@@ -139,6 +139,27 @@ def test_dead_server_gives_eio_not_hang(moto, tmp_path: Path) -> None:  # type: 
         cache.close()
 
 
+def test_umount_reports_what_could_not_be_uploaded(moto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Case 16: the store is down at unmount: ``cloudfs umount`` exits 1 with one line saying
+    what stays in the cache directory, and the next mount uploads it."""
+    proc, target = moto
+    m = Mount(target, tmp_path / "mnt", tmp_path / "cache",
+              {"writeback_delay": "1h", "retries": "1", "timeout": "5"})
+    m.start()
+    try:
+        (m.path / "kept").write_bytes(b"x" * 1000)
+        proc.stop()  # the store goes away
+        out = subprocess.run([CLOUDFS, "umount", str(m.path)], env=m.env, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 1, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and "1 file(s), 1000 bytes could not be uploaded" in lines[0], lines
+        assert str(tmp_path / "cache") in lines[0]
+        assert not mounted(m.path)
+    finally:
+        m.cleanup()
+
+
 def test_server_errors_are_retried(moto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A store that throttles every third request (503 SlowDown) still gets every file."""
     _proc, target = moto

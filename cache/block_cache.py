@@ -178,11 +178,17 @@ class BlockCache:
                     continue
             self.by_key[file.key] = file
             self._set_status(file, file.status)
-            if file.open_upload is not None and not file.pending:
+            if file.open_upload is not None:
+                # An upload left open by the previous process is not resumed: stores differ in
+                # what they keep of it (Azure's staged blocks are named per process, moto
+                # fails parts of it).  It is aborted; its blocks still here go again.
                 found.stale_uploads.append((file.open_upload.key, file.open_upload.upload_id))
-                file.open_upload = None
-                file.staged.clear()
-                self._journal(file)
+                if file.pending:
+                    self.close_multipart(file)
+                else:
+                    file.open_upload = None
+                    file.staged.clear()
+                    self._journal(file)
             if file.pending:
                 found.pending.append(file)
         for _, k, file in sorted(loaded, key=lambda t: t[0]):

@@ -241,7 +241,3 @@ class Rig:
 @pytest.fixture
 def rig(tmp_path: Path) -> Rig:
     return Rig(tmp_path)
-
-
-def errno_of(exc: BaseException) -> int | None:
-    return getattr(exc, "errno", None)

@@ -469,8 +469,7 @@ class VFS:
         if file is None:  # a symlink
             await self.backend.delete(inode.key)
             return
-        await file.idle.wait()  # an upload finishing later would resurrect it
-        await self.uploader.discard(file)
+        await self._stop_uploads(file)
         stored = file.base
         if stored is None:
             self.cache.unlink(file)
@@ -490,6 +489,11 @@ class VFS:
         else:
             await self.backend.delete(inode.key)
             self.cache.unlink(file)
+
+    async def _stop_uploads(self, file: File) -> None:
+        """No upload of ``file`` is in flight or open: one finishing later would resurrect it."""
+        await file.idle.wait()
+        await self.uploader.discard(file)
 
     def _fully_cached(self, file: File) -> bool:
         bs = self.cache.block_size
@@ -536,8 +540,7 @@ class VFS:
         file = target.file
         if file is None:
             return
-        await file.idle.wait()
-        await self.uploader.discard(file)
+        await self._stop_uploads(file)
         self.cache.unlink(file)
 
     # ------------------------------------------------------------------ symlinks, links, nodes

@@ -637,6 +637,11 @@ class AzureBackend(Backend):
             self._uploads.pop(upload_id, None)
         return result["etag"]
 
+    def _mpu_resume(self, key: str, upload_id: str, metadata: dict[str, str]) -> None:
+        # Staged blocks are named after the upload id, so they are the upload's parts still.
+        with self._lock:
+            self._uploads.setdefault(upload_id, (key, dict(metadata)))
+
     def _mpu_abort(self, key: str, upload_id: str) -> None:
         # Uncommitted blocks expire on their own; nothing is stored server-side for an upload.
         with self._lock:

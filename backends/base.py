@@ -328,6 +328,14 @@ class Backend:
     def _mpu_abort(self, key: str, upload_id: str) -> None:
         raise NotImplementedError
 
+    def _mpu_resume(self, key: str, upload_id: str, metadata: dict[str, str]) -> None:
+        """Adopt an upload another process of this mount opened (it was killed).  Stores that
+        keep uploads server-side need nothing; a gone upload fails later with NotFound."""
+
+    def _recover(self, resumed: set[str]) -> None:
+        """Clean up what a killed process of this mount left behind (as the state directory
+        records it), except the uploads in ``resumed``: the cache continues those."""
+
     def use_state_dir(self, path: str) -> None:
         """Called once before ``check()`` with a private directory (0700, in the mount's cache
         directory) where a backend may keep state across mounts, e.g. an account-info file."""
@@ -538,6 +546,15 @@ class Backend:
 
     async def mpu_abort(self, key: str, upload_id: str) -> None:
         await self._call(self._mpu_abort, self.full_key(key), upload_id)
+
+    async def recover(self, resumed: Iterable[str] = ()) -> None:
+        """At mount, after ``use_state_dir``: see ``_recover``."""
+        await self._call(self._recover, set(resumed))
+
+    async def mpu_resume(self, key: str, upload_id: str, metadata: dict[str, str]) -> None:
+        """Continue, in this process, an upload opened by ``mpu_create`` in an earlier one:
+        ``metadata`` is what it was created with."""
+        await self._call(self._mpu_resume, self.full_key(key), upload_id, dict(metadata))
 
     def part_size_for(self, size: int, preferred: int) -> int:
         """A part size >= preferred that keeps ``size`` within the store's part-count limit."""

@@ -370,6 +370,9 @@ class GCSBackend(Backend):
                                                         timeout=TIMEOUT)]
         self._delete_many(names)
 
+    def _mpu_resume(self, key: str, upload_id: str, metadata: dict[str, str]) -> None:
+        self._uploads.setdefault(upload_id, {"key": key, "metadata": dict(metadata)})
+
     def _mpu_abort(self, key: str, upload_id: str) -> None:
         self._remove_parts(upload_id)
         self._uploads.pop(upload_id, None)

@@ -517,7 +517,6 @@ class SwiftBackend(Backend):
         resp = self._request("HEAD", self._path(self.container), ok=(404,))
         if resp.status == 404:
             raise BucketNotFound(f"container swift://{self.container} does not exist")
-        self._recover()
 
     def _list_page(self, prefix: str, delimiter: str | None, token: str | None, limit: int) -> ListPage:
         limit = max(1, min(limit, int(self._info_limit())))
@@ -842,6 +841,14 @@ class SwiftBackend(Backend):
         info = self._head_raw(key) or {}
         return _etag(info.get("etag")) or ""
 
+    def _mpu_resume(self, key: str, upload_id: str, metadata: dict[str, str]) -> None:
+        # Segments are named after the upload id and its journal record after the upload id
+        # (see _mpu_create); sizes of earlier segments are left to the SLO's check (null).
+        record = self._record_path(upload_id)
+        with self._lock:
+            self._uploads.setdefault(upload_id, {"key": key, "metadata": dict(metadata), "sizes": {},
+                                                 "record": record})
+
     def _mpu_abort(self, key: str, upload_id: str) -> None:
         with self._lock:
             state = self._uploads.pop(upload_id, None)
@@ -927,12 +934,13 @@ class SwiftBackend(Backend):
             self._remove(container, names)
         self._forget(path)
 
-    def _recover(self) -> None:
-        """At mount: finish what a crash interrupted (orphan segments from the journal)."""
+    def _recover(self, resumed: set[str]) -> None:
+        """At mount: delete the orphan segments the journal lists, but those of uploads the
+        cache resumes (their records are named after the upload id)."""
         if self._journal_dir is None:
             return
         for entry in sorted(os.listdir(self._journal_dir)):
-            if not entry.endswith(".json"):
+            if not entry.endswith(".json") or entry[:-5] in resumed:
                 continue
             path = os.path.join(self._journal_dir, entry)
             log.info("swift: cleaning up segments journaled before a crash (%s)", entry)

@@ -90,6 +90,7 @@ class Recovered:
     pending: list[File] = field(default_factory=list)  # changes to upload
     deletions: list[File] = field(default_factory=list)  # unlinked while open: delete on the store
     stale_uploads: list[tuple[str, str]] = field(default_factory=list)  # (key, upload id) to abort
+    resumed_uploads: list[str] = field(default_factory=list)  # upload ids the uploader continues
 
 
 def _ignore(file: File) -> None:
@@ -178,11 +179,14 @@ class BlockCache:
                     continue
             self.by_key[file.key] = file
             self._set_status(file, file.status)
-            if file.open_upload is not None:
-                # An upload left open by the previous process is not resumed: stores differ in
-                # what they keep of it (Azure's staged blocks are named per process, moto
-                # fails parts of it).  It is aborted; its blocks still here go again.
-                found.stale_uploads.append((file.open_upload.key, file.open_upload.upload_id))
+            upload = file.open_upload
+            if upload is not None and file.pending and any(b not in file.present for b in file.staged):
+                # Some written bytes exist only in the upload left open: it is continued.
+                found.resumed_uploads.append(upload.upload_id)
+            elif upload is not None:
+                # Everything it holds is still here: abort it and send those blocks again,
+                # which every store does alike.
+                found.stale_uploads.append((upload.key, upload.upload_id))
                 if file.pending:
                     self.close_multipart(file)
                 else:
@@ -687,9 +691,17 @@ class BlockCache:
 
         It holds the snapshot of that upload: at every byte below the fetch limit that is not
         in a local block it equals the old base, so uncached bytes can be fetched from it.
+        If it is the open multipart upload that was committed, the staged blocks' bytes are
+        in it too (a later truncate below them completes the upload first, so none was cut).
         The file stays pending: the local content is sent again.
         """
         log.info("%s: the server has our interrupted upload; continuing from it", file.key)
+        upload = file.open_upload
+        if upload is not None and upload.token and upload.token == file.upload_token:
+            staged_end = max(((b + 1) * self.block_size for b in file.staged), default=0)
+            file.fetch_limit = max(file.fetch_limit, min(staged_end, file.size))
+            file.staged.clear()
+            file.open_upload = None
         file.base = remote
         file.fetch_limit = min(file.fetch_limit, remote.size)
         self._journal(file)

@@ -78,6 +78,7 @@ class Uploader:
         self._on_uploaded = on_uploaded
         self._rounds = MultiLock()
         self._stage_wanted = trio.Event()
+        self._ours: set[str] = set()  # ids of the multipart uploads this process created or resumed
         self.sent_bytes = 0  # bytes sent in PUTs and parts (copies server-side not counted)
 
     # ------------------------------------------------------------------ running
@@ -276,6 +277,9 @@ class Uploader:
             upload = await self._open_upload(file, snap.key, part, self._tagged(file, snap.metadata))
             return await self._send_multipart(file, snap, upload)
         try:
+            if upload.upload_id not in self._ours:  # left open by a killed process
+                await self.backend.mpu_resume(upload.key, upload.upload_id, upload.metadata)
+                self._ours.add(upload.upload_id)
             return await self._send_multipart(file, snap, upload)
         except NotFound:
             if file.open_upload is not upload:
@@ -310,6 +314,7 @@ class Uploader:
                            ) -> OpenUpload:
         upload_id = await self.backend.mpu_create(key, metadata)
         upload = OpenUpload(upload_id, key, part_size, metadata.get(UPLOAD_KEY, ""), metadata=metadata)
+        self._ours.add(upload_id)
         self.cache.open_multipart(file, upload)
         return upload
 

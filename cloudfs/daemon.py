@@ -211,6 +211,10 @@ def _serve(plan: MountPlan, ready_fd: int | None, detach: bool) -> int:
         except CacheMismatch as exc:
             raise MountError(str(exc), 2) from None
         cache, uploader, vfs = mount.cache, mount.uploader, mount.vfs
+        try:
+            await plan.backend.recover(recovered.resumed_uploads)
+        except BackendError as exc:
+            log.warning("could not clean up after the previous mount: %s", exc)
         for key, upload_id in recovered.stale_uploads:
             with contextlib.suppress(BackendError):
                 await plan.backend.mpu_abort(key, upload_id)

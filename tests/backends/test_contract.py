@@ -165,6 +165,41 @@ def test_multipart_upload(backend: Backend, tmp_path: Any) -> None:
     assert run(backend.head, "mp/obj").metadata == {"mode": "33188"}
 
 
+def test_an_upload_opened_by_a_killed_process_can_be_continued(target: Any, tmp_path: Any) -> None:
+    """The cache continues a multipart upload left open by a killed mount (cache/uploader.py):
+    a new backend on the same state directory resumes it and its first parts still count."""
+    from cloudfs.backends import open_backend
+
+    state = str(tmp_path / "state")
+    os.makedirs(state, mode=0o700)
+    first = open_backend(target.url, target.options)
+    part = max(first.capabilities.min_part_size, 1024 * 1024)
+    one, two = os.urandom(part), os.urandom(1000)
+    try:
+        first.use_state_dir(state)
+        run(first.check)
+        uid = run(first.mpu_create, "mp/resumed", {"mode": "33188"})
+        p1 = run(first.mpu_part, "mp/resumed", uid, 1, Payload.from_bytes(one))
+    finally:
+        first.close()  # "killed": neither completed nor aborted
+    second = open_backend(target.url, target.options)
+    try:
+        second.use_state_dir(state)
+        run(second.check)
+
+        async def go() -> None:
+            await second.recover([uid])
+            await second.mpu_resume("mp/resumed", uid, {"mode": "33188"})
+            p2 = await second.mpu_part("mp/resumed", uid, 2, Payload.from_bytes(two))
+            await second.mpu_complete("mp/resumed", uid, [p1, p2])
+
+        run(go)
+        assert run(second.get_range, "mp/resumed") == one + two
+        assert run(second.head, "mp/resumed").metadata == {"mode": "33188"}
+    finally:
+        second.close()
+
+
 def test_multipart_abort(backend: Backend) -> None:
     async def go() -> None:
         uid = await backend.mpu_create("mp/aborted", {})

@@ -15,8 +15,10 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from cloudfs.backends import open_backend
+from cloudfs.backends.errors import BackendError
 from cloudfs.cache.file import Status
 from cloudfs.cache.journal import CacheMismatch
 from cloudfs.daemon import Mount, build
@@ -136,5 +138,140 @@ def test_writes_during_an_upload_go_up_in_the_next_round(tmp_path: Path) -> None
             await m.uploader.flush(file)
             assert not file.pending
             assert await backend.get_range("f") == b"first+second"
+
+    trio.run(main)
+
+
+def gate_downloads(backend: Any, at: int) -> tuple[trio.Event, trio.Event]:
+    """Hold ranged GETs that start at byte ``at`` until ``gate`` is set; ``started`` tells
+    that one is waiting.  The real download runs once the gate opens."""
+    gate, started = trio.Event(), trio.Event()
+    real = backend.download
+
+    async def held(key: str, f: Any, start: int, *args: Any, **kw: Any) -> None:
+        if start == at:
+            started.set()
+            await gate.wait()
+        await real(key, f, start, *args, **kw)
+
+    backend.download = held
+    return gate, started
+
+
+async def stored_file(m: Mount, key: str, data: bytes) -> Any:
+    """A clean file whose stored version is ``data`` and of which nothing is cached."""
+    file = m.cache.new_file(key, attrs())
+    await m.cache.write(file, 0, data)
+    await m.uploader.flush(file)
+    m.cache._drop_blocks(file, set(file.present))
+    assert not file.present and not file.pending
+    return file
+
+
+def test_a_fetch_in_flight_during_truncate_adds_no_old_bytes(tmp_path: Path) -> None:
+    """Case 6 of issue 10: truncate below a block whose fetch is waiting, then extend: the
+    fetch's bytes are thrown away and the block reads as zeros."""
+    async def main() -> None:
+        async with running(tmp_path) as m:
+            old = os.urandom(3 * BS)
+            file = await stored_file(m, "f", old)
+            gate, started = gate_downloads(m.uploader.backend, 2 * BS)
+            async with trio.open_nursery() as n:
+                n.start_soon(m.cache.ensure_block, file, 2)
+                await started.wait()
+                await m.cache.truncate(file, BS + 10)
+                await m.cache.truncate(file, 3 * BS)
+                gate.set()
+            assert await m.cache.read(file, 0, 3 * BS) == old[:BS + 10] + bytes(2 * BS - 10)
+            await m.uploader.flush(file)
+            assert await m.uploader.backend.get_range("f") == old[:BS + 10] + bytes(2 * BS - 10)
+
+    trio.run(main)
+
+
+def test_truncate_inside_a_block_being_fetched_waits_for_it(tmp_path: Path) -> None:
+    """The cut lands in a block whose fetch is in flight: truncate waits for that fetch
+    (it needs the block's bytes below the cut) and then cuts it."""
+    async def main() -> None:
+        async with running(tmp_path) as m:
+            old = os.urandom(3 * BS)
+            file = await stored_file(m, "f", old)
+            gate, started = gate_downloads(m.uploader.backend, BS)
+            cut = trio.Event()
+
+            async def truncate() -> None:
+                await m.cache.truncate(file, BS + 10)
+                cut.set()
+
+            async with trio.open_nursery() as n:
+                n.start_soon(m.cache.ensure_block, file, 1)
+                await started.wait()
+                n.start_soon(truncate)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not cut.is_set() and file.size == 3 * BS
+                gate.set()
+            assert file.size == BS + 10
+            assert await m.cache.read(file, 0, 3 * BS) == old[:BS + 10]
+            await m.uploader.flush(file)
+            assert await m.uploader.backend.get_range("f") == old[:BS + 10]
+
+    trio.run(main)
+
+
+async def staged_and_evicted(m: Mount, key: str, data: bytes) -> Any:
+    """A pending file some of whose bytes exist only in its open multipart upload: parts
+    sent early (as under cache pressure) and their clean blocks evicted."""
+    file = m.cache.new_file(key, attrs())
+    await m.cache.write(file, 0, data)
+    await m.uploader.stage(file)
+    assert file.open_upload is not None and file.staged
+    m.cache._drop_blocks(file, set(file.staged))
+    await m.cache.make_durable(file)
+    return file
+
+
+def test_an_upload_left_open_by_a_crash_is_continued(tmp_path: Path) -> None:
+    """Killed while a big file streamed out: the next start continues its open upload, so
+    bytes that only the upload holds are not lost."""
+    data = os.urandom(40 * BS)
+
+    async def main() -> None:
+        async with running(tmp_path) as m:
+            await staged_and_evicted(m, "big", data)
+        async with running(tmp_path) as m:
+            file = m.cache.by_key["big"]
+            assert file.pending and file.open_upload is not None
+            await m.uploader.flush(file)
+            assert m.cache.stats["lost_bytes"] == 0
+            assert await m.uploader.backend.get_range("big") == data
+
+    trio.run(main)
+
+
+def test_an_upload_committed_but_not_recorded_is_taken_as_the_base(tmp_path: Path) -> None:
+    """Killed after the store completed the upload but before the journal said so: the
+    next start finds its token on the object and reads the evicted parts from it."""
+    data = os.urandom(40 * BS)
+
+    async def main() -> None:
+        async with running(tmp_path) as m:
+            file = await staged_and_evicted(m, "big", data)
+            backend = m.uploader.backend
+            real = backend.mpu_complete
+
+            async def reply_lost(*args: Any) -> str:
+                await real(*args)
+                raise BackendError("connection reset")
+
+            backend.mpu_complete = reply_lost  # type: ignore[method-assign]
+            with pytest.raises(BackendError):
+                await m.uploader.upload(file)
+            assert file.open_upload is not None
+        async with running(tmp_path) as m:
+            file = m.cache.by_key["big"]
+            await m.cache.write(file, 3, b"!")
+            await m.uploader.flush(file)
+            assert m.cache.stats["lost_bytes"] == 0
+            assert await m.uploader.backend.get_range("big") == data[:3] + b"!" + data[4:]
 
     trio.run(main)

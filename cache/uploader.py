@@ -100,8 +100,27 @@ class Uploader:
             return None
         if file.holds:
             return 0.2  # a directory rename is moving it
+        settles_in = file.last_change + self.queue.delay - time.monotonic()
+        if settles_in > 0:
+            # Due early (cache pressure) while still being written: send whole parts.  If
+            # that keeps the file's dirty data within a part, completing the upload now would
+            # only make the next round copy every part again; it completes once it settles.
+            await self.stage(file)
+            if self._streaming(file):
+                return settles_in
         await self.upload(file)
         return None
+
+    def _streaming(self, file: File) -> bool:
+        """Whether staging alone keeps the file moving: it has an open upload, at most a part
+        and a block of it is dirty, and ``max_dirty`` has room for it to fill that part (so
+        the next whole part can be sent early too)."""
+        upload = file.open_upload
+        if upload is None or file.status is not Status.DIRTY:
+            return False
+        window = upload.part_size + self.cache.block_size
+        dirty = sum(file.charged.get(b, 0) for b in file.dirty)
+        return dirty <= window and self.cache.dirty_bytes - dirty + window <= self.cache.max_dirty
 
     # ------------------------------------------------------------------ waiting
     async def flush(self, file: File) -> None:
@@ -385,22 +404,23 @@ class Uploader:
                 except BackendError as exc:
                     log.warning("%s: could not send parts early: %s", file.key, exc)
 
-    async def stage(self, file: File) -> None:
+    async def stage(self, file: File) -> bool:
         """Send the whole parts a large file being written has filled, keeping its multipart
-        upload open (see the module doc)."""
+        upload open (see the module doc).  True if it sent any."""
+        sent = False
         async with self._rounds(id(file)):
             if file.status is not Status.DIRTY or file.holds or file.fid is None:
-                return
+                return False
             upload = file.open_upload
             part_size = upload.part_size if upload is not None else self._part_size(file.size, streaming=True)
-            full = [n for n in range(1, file.size // part_size)  # never the last, growing part
+            full = [n for n in range(1, file.size // part_size + 1)  # complete parts only
                     if self._fillable(file, n, part_size)]
             if not full:
-                return
+                return False
             if upload is None:
                 await self._check_remote(file)
                 if file.status is not Status.DIRTY or file.open_upload is not None:
-                    return
+                    return False
                 meta = self._tagged(file, self.cache.metadata(file))
                 upload = await self._open_upload(file, file.key, part_size, meta)
             for number in full:
@@ -418,6 +438,8 @@ class Uploader:
                 self.sent_bytes += part_size
                 if file.open_upload is upload and not file.unlinked:
                     self.cache.staged_part(file, StagedPart(number, info.etag, start, part_size), gens)
+                    sent = True
+        return sent
 
     def _fillable(self, file: File, number: int, part_size: int) -> bool:
         start = (number - 1) * part_size

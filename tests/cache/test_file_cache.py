@@ -275,3 +275,30 @@ def test_an_upload_committed_but_not_recorded_is_taken_as_the_base(tmp_path: Pat
             assert await m.uploader.backend.get_range("big") == data[:3] + b"!" + data[4:]
 
     trio.run(main)
+
+
+def test_a_file_larger_than_the_cache_goes_up_in_one_upload(tmp_path: Path) -> None:
+    """Issue 10 item 19: written sequentially through a cache a sixth of its size, a file is
+    sent as one multipart upload, each part once, nothing copied server-side again."""
+    async def main() -> None:
+        async with running(tmp_path, cache_size=48 * BS, max_dirty=24 * BS, writeback_delay=3600.0) as m:
+            backend = m.uploader.backend
+            calls: dict[str, int] = {}
+            for name in ("mpu_create", "mpu_part", "mpu_part_copy", "mpu_complete", "put"):
+                real = getattr(backend, name)
+
+                async def counted(*args: Any, _real: Any = real, _name: str = name) -> Any:
+                    calls[_name] = calls.get(_name, 0) + 1
+                    return await _real(*args)
+
+                setattr(backend, name, counted)
+            data = os.urandom(300 * BS)
+            file = m.cache.new_file("big", attrs())
+            for off in range(0, len(data), BS):
+                await m.cache.write(file, off, data[off:off + BS])
+            await m.uploader.flush(file)
+            parts = -(-len(data) // m.uploader._part_size(0, streaming=True))
+            assert calls == {"mpu_create": 1, "mpu_part": parts, "mpu_complete": 1}
+            assert await backend.get_range("big") == data
+
+    trio.run(main)

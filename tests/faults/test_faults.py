@@ -5,6 +5,7 @@ Every fault ends in a clear error and loses nothing that was promised.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -66,6 +67,37 @@ def test_sigkill_after_fsync_recovers_on_remount(target: Target, tmp_path: Path)
         else:
             got = (target.extra["root"] / "precious").read_bytes()
         assert got == data
+    finally:
+        m.cleanup()
+
+
+@pytest.mark.backends("local", "s3")
+def test_sigkill_while_a_file_larger_than_the_cache_streams_out(target: Target, tmp_path: Path) -> None:
+    """A file three times the cache goes up through one open multipart upload whose parts'
+    blocks are evicted as it goes; killed after an fsync, the next mount finishes from that
+    upload and the store gets every byte."""
+    m = Mount(target, tmp_path / "mnt", tmp_path / "cache",
+              {"writeback_delay": "1h", "cache_size": "24M", "block_size": "1M"})
+    m.start()
+    try:
+        data = os.urandom(72 * MiB)
+        fd = os.open(m.path / "big", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            for off in range(0, len(data), MiB):
+                os.write(fd, data[off:off + MiB])
+            os.fsync(fd)
+            m.kill()
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)  # the mount is gone: ENOTCONN
+        m.start()
+        m.stop()
+        if target.backend == "s3":
+            got = target.sdk.get_object(Bucket=target.url[5:], Key="big")["Body"].read()
+        else:
+            got = (target.extra["root"] / "big").read_bytes()
+        assert got == data
+        assert "existed only in a multipart upload" not in m.log()
     finally:
         m.cleanup()
 

@@ -383,9 +383,13 @@ class BlockCache:
         return None
 
     def deleted(self, file: File) -> None:
-        """The store no longer has ``file``'s deferred-delete version: free its storage."""
+        """The store no longer has ``file``'s stored version: nothing is left to delete at the
+        last close.  Its storage goes now, or at the last close if handles are open."""
         file.delete_on_close = None
-        self._free(file)
+        if file.opens and file.fid is not None:
+            journal.remove(journal.record_path(file.dir), durable=False)
+        else:
+            self._free(file)
 
     def _attach(self, file: File) -> None:
         fid = uuid.uuid4().hex

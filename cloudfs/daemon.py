@@ -235,7 +235,7 @@ def _serve(plan: MountPlan, ready_fd: int | None, detach: bool) -> int:
         _raise_readahead(plan.mountpoint)
         try:
             async with trio.open_nursery() as nursery:
-                vfs.nursery = nursery
+                await nursery.start(vfs.run)
                 await vfs.load_root()
                 await vfs.recover(recovered.deletions)
                 await nursery.start(uploader.run)
@@ -309,23 +309,25 @@ class Mount:
 def build(backend: Backend, cache_dir: str, opts: MountOptions, notify: Notify) -> Mount:
     """Wire queue, cache, uploader and file system for one mount (the cache is not open yet)."""
     queue = WritebackQueue(delay=opts.writeback_delay, parallel=opts.transfers)
-    late: dict[str, Any] = {}  # the uploader and VFS need the cache, which calls back into them
+    # The uploader and the VFS need the cache, which calls back into them: the callbacks
+    # name them before they exist and run only once all three do.
+    uploader: Uploader
+    vfs: VFS
     cache = BlockCache(backend, cache_dir, block_size=opts.block_size,
                        max_bytes=opts.cache_size, max_dirty=opts.max_dirty or opts.cache_size // 2,
                        min_free=opts.min_free, readahead_blocks=opts.readahead,
                        store_identity=backend.describe(),
                        on_dirty=lambda f: queue.schedule(f.fid),
-                       on_pressure=lambda: late["uploader"].pressure(),
-                       complete_upload=lambda f: late["uploader"].flush(f))
+                       on_pressure=lambda: uploader.pressure(),
+                       complete_upload=lambda f: uploader.flush(f))
     uploader = Uploader(cache, backend, queue,
-                        on_conflict=lambda f, old: late["vfs"].on_conflict(f, old),
-                        on_uploaded=lambda f: late["vfs"].on_uploaded(f))
+                        on_conflict=lambda f, old: vfs.on_conflict(f, old),
+                        on_uploaded=lambda f: vfs.on_uploaded(f))
     vfs = VFS(backend, cache, uploader,
               VfsOptions(uid=opts.uid, gid=opts.gid, read_only=opts.read_only,
                          attr_timeout=opts.attr_timeout, sync_upload=opts.sync_upload,
                          dir_cache_time=opts.dir_cache_time, readahead_blocks=opts.readahead),
               intents_dir=os.path.join(cache_dir, "intents"), notify=notify)
-    late.update(uploader=uploader, vfs=vfs)
     return Mount(queue, cache, uploader, vfs)
 
 

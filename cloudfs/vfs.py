@@ -94,20 +94,30 @@ def fail(code: int, what: str = "") -> OSError:
 
 class VFS:
     def __init__(self, backend: Backend, cache: BlockCache, uploader: Uploader, opts: VfsOptions,
-                 intents_dir: str, notify: Notify | None = None,
-                 nursery: trio.Nursery | None = None) -> None:
+                 intents_dir: str, notify: Notify | None = None) -> None:
         self.backend = backend
         self.cache = cache
         self.uploader = uploader
         self.opts = opts
         self.notify = notify or Notify()
-        self.nursery = nursery
+        self._background: trio.Nursery | None = None  # read-ahead fetches; see run()
         root = Meta(Attrs(stat.S_IFDIR | 0o755, opts.uid, opts.gid, time.time_ns()), stored=True)
         self.table = InodeTable(root, on_drop=self._dropped)
         self.meta = Metadata(backend, cache, self.table,
                              MetadataOptions(opts.uid, opts.gid, opts.attr_timeout, opts.dir_cache_time))
         self.handles = Handles()
         self.renamer = Renamer(backend, cache, self.table, intents_dir)
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve background work (read-ahead fetches) until cancelled; reads fetch no
+        read-ahead without it."""
+        async with trio.open_nursery() as nursery:
+            self._background = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._background = None
 
     # ------------------------------------------------------------------ callbacks
     def _dropped(self, inode: Inode) -> None:
@@ -395,9 +405,9 @@ class VFS:
         handle = self.handles.file(fh)
         data = await self.cache.read(handle.file, offset, size)
         ahead = handle.readahead.advise(offset, offset + len(data))
-        if ahead and self.nursery is not None and data:
+        if ahead and self._background is not None and data:
             for block in self.cache.prefetch_range(handle.file, offset + len(data) - 1, ahead):
-                self.nursery.start_soon(self._prefetch, handle.file, block)
+                self._background.start_soon(self._prefetch, handle.file, block)
         return data
 
     async def _prefetch(self, file: File, block: int) -> None:
@@ -471,24 +481,18 @@ class VFS:
             return
         await self._stop_uploads(file)
         stored = file.base
-        if stored is None:
+        if stored is None:  # never uploaded: nothing on the store
             self.cache.unlink(file)
             return
-        if file.opens and not self._fully_cached(file):
-            # Open handles may still read blocks of the stored version: delete it at last close.
-            if file.fid is not None:
-                self.cache.unlink(file, delete_on_close=stored)
-                return
-        if file.fid is not None:
-            self.cache.unlink(file, delete_on_close=stored)  # the journal says "delete this"
-            await self.backend.delete(inode.key)
-            if not file.opens:
-                self.cache.deleted(file)
-            else:
-                file.delete_on_close = None
-        else:
+        if file.fid is None:  # nothing of it here (no storage, no journal record)
             await self.backend.delete(inode.key)
             self.cache.unlink(file)
+            return
+        self.cache.unlink(file, delete_on_close=stored)  # journaled: a crash still deletes it
+        if file.opens and not self._fully_cached(file):
+            return  # open handles may still read blocks of the stored version: at last close
+        await self.backend.delete(inode.key)
+        self.cache.deleted(file)
 
     async def _stop_uploads(self, file: File) -> None:
         """No upload of ``file`` is in flight or open: one finishing later would resurrect it."""

@@ -222,7 +222,7 @@ class Rig:
         recovered = mount.cache.open()
         try:
             async with trio.open_nursery() as nursery:
-                mount.vfs.nursery = nursery
+                await nursery.start(mount.vfs.run)
                 await mount.vfs.load_root()
                 await mount.vfs.recover(recovered.deletions)
                 await nursery.start(mount.uploader.run)

@@ -66,6 +66,25 @@ def test_sparse_read_fetches_one_block(target: Target, tmp_path: Path) -> None:
         m.cleanup()
 
 
+def test_writing_into_a_stored_object_fetches_only_the_merged_block(target: Target, tmp_path: Path) -> None:
+    data = bytearray(os.urandom(48 * MiB))
+    put_object(target, "big.bin", bytes(data))
+    m = Mount(target, tmp_path / "mnt", tmp_path / "cache", {"block_size": "4M", "writeback_delay": "1h"})
+    m.start()
+    try:
+        with open(m.path / "big.bin", "r+b") as f:
+            f.seek(30 * MiB + 100)
+            f.write(b"middle")
+        data[30 * MiB + 100:30 * MiB + 106] = b"middle"
+        st = status(m)
+        assert st["cache"]["fetches"] == 1 and st["cache"]["fetched_bytes"] == 4 * MiB
+        m.stop()  # the upload copies the unchanged blocks server-side where the store can
+        m.start()
+        assert (m.path / "big.bin").read_bytes() == bytes(data)
+    finally:
+        m.cleanup()
+
+
 def test_sequential_read_prefetches_and_warm_remount_fetches_nothing(target: Target, tmp_path: Path) -> None:
     data = os.urandom(40 * MiB)
     put_object(target, "seq.bin", data)

@@ -23,10 +23,12 @@ import itertools
 import logging
 import mimetypes
 import os
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar, cast
 
+import prometheus_client
 import tenacity
 import trio
 
@@ -44,6 +46,8 @@ from .errors import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# Latency buckets (seconds) for backend requests: from a local server to a slow transfer.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
 
 
 @dataclass(frozen=True)
@@ -247,7 +251,11 @@ class Backend:
         self.retry = retry or RetryPolicy()
         # Requests sent, by operation (each retry attempt counts): for `cloudfs status` and tests.
         self.requests: collections.Counter[str] = collections.Counter()
-        self.failures: collections.Counter[str] = collections.Counter()
+        # The same attempts by outcome ("ok" or the error's class), and their latency: metrics.
+        self.results: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.latency = prometheus_client.Histogram(
+            "cloudfs_backend_request_seconds", "Backend request latency, per attempt", ["op"],
+            registry=None, buckets=LATENCY_BUCKETS)
         # Re-authorization after TokenExpired: one at a time, and once per expiry however many
         # requests saw it (each remembers the generation it was sent with).
         self._auth_lock = trio.Lock()
@@ -417,21 +425,30 @@ class Backend:
             self.requests[op] += 1
             generation = self._auth_generation
             with attempt:
+                started = time.monotonic()
                 try:
                     with trio.fail_after(policy.call_timeout):
                         try:
-                            return await trio.to_thread.run_sync(
+                            result = await trio.to_thread.run_sync(
                                 functools.partial(self._guard, fn, *args),
                                 limiter=self.limiter, abandon_on_cancel=True)
                         except trio.TooSlowError:
                             raise Transient(f"{self.scheme} call timed out") from None
-                except TokenExpired as exc:
-                    if renewed:
-                        raise AuthenticationFailed(f"{exc}; a fresh token was refused too") from None
-                    renewed = True
-                    await self._renew_auth(generation)
+                except BaseException as exc:
+                    self._observe(op, type(exc).__name__, started)
+                    if isinstance(exc, TokenExpired):
+                        if renewed:
+                            raise AuthenticationFailed(f"{exc}; a fresh token was refused too") from None
+                        renewed = True
+                        await self._renew_auth(generation)
                     raise
+                self._observe(op, "ok", started)
+                return result
         raise AssertionError("unreachable")
+
+    def _observe(self, op: str, outcome: str, started: float) -> None:
+        self.results[(op, outcome)] += 1
+        self.latency.labels(op).observe(time.monotonic() - started)
 
     async def _renew_auth(self, generation: int) -> None:
         async with self._auth_lock:

@@ -33,7 +33,7 @@ from cloudfs.cache.journal import CacheMismatch
 from cloudfs.cache.uploader import Uploader
 from cloudfs.cache.writeback import WritebackQueue
 
-from . import notify, status
+from . import metrics, notify, status
 from .fs import CloudFS, KernelNotify
 from .options import MountOptions, default_cache_dir, parse, split_options
 from .vfs import VFS, Notify, VfsOptions
@@ -211,6 +211,12 @@ def _serve(plan: MountPlan, ready_fd: int | None, detach: bool) -> int:
         except CacheMismatch as exc:
             raise MountError(str(exc), 2) from None
         cache, uploader, vfs = mount.cache, mount.uploader, mount.vfs
+        scrapes = None
+        if opts.metrics:
+            try:
+                scrapes = await metrics.listen(opts.metrics)
+            except ConfigError as exc:
+                raise MountError(str(exc), 2) from None
         try:
             await plan.backend.recover(recovered.resumed_uploads)
         except BackendError as exc:
@@ -244,6 +250,10 @@ def _serve(plan: MountPlan, ready_fd: int | None, detach: bool) -> int:
                     mount.queue.schedule(file.fid)
                 nursery.start_soon(_main_loop, nursery)
                 nursery.start_soon(_on_signals, uploader, nursery)
+                if scrapes is not None:
+                    registry = metrics.registry_for(metrics.MountCollector(plan.backend, cache, uploader,
+                                                                           mount.queue))
+                    nursery.start_soon(metrics.serve, scrapes, registry)
                 nursery.start_soon(status.serve, status.socket_path(pid_file(plan.mountpoint)),
                                    lambda: status.snapshot(plan.backend, cache, uploader, mount.queue,
                                                            plan.mountpoint))

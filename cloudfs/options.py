@@ -35,6 +35,9 @@ OPTIONS: dict[str, str] = {
     "timeout": "seconds one request may take before it counts as failed (default 120)",
     "log_file": "where the daemon logs (default: cloudfs.log in the cache directory)",
     "debug": "verbose logging",
+    "metrics": "serve Prometheus metrics on HOST:PORT (e.g. 127.0.0.1:9105): requests by operation "
+               "and result with latency, bytes up and down, cache hits/misses/evictions, dirty bytes, "
+               "queued files",
 }
 
 
@@ -60,6 +63,7 @@ class MountOptions:
     timeout: float = 120.0
     log_file: str | None = None
     debug: bool = False
+    metrics: str | None = None  # HOST:PORT
     backend: dict[str, str] = field(default_factory=dict)  # options the backend takes
 
 
@@ -114,6 +118,9 @@ def parse(options: dict[str, str], backend_options: frozenset[str]) -> MountOpti
             if not value:
                 raise ConfigError(f"-o {name} needs a path")
             setattr(m, name, os.path.abspath(value))
+        elif name == "metrics":
+            parse_address(value)
+            m.metrics = value
         elif name in backend_options:
             m.backend[name] = value
         else:
@@ -127,6 +134,17 @@ def parse(options: dict[str, str], backend_options: frozenset[str]) -> MountOpti
     if m.max_dirty is None:
         m.max_dirty = m.cache_size // 2
     return m
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``-o metrics=``: ``HOST:PORT`` (``[v6]:PORT``), or a bare ``PORT`` on 127.0.0.1."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"-o metrics={text}: expected HOST:PORT, e.g. 127.0.0.1:9105")
+    return host, int(port)
 
 
 def default_cache_dir(url: str) -> str:

@@ -1,0 +1,65 @@
+"""Prometheus metrics (``-o metrics=HOST:PORT``), scraped from a real mount during known
+activity: the numbers are the requests and bytes that activity must cause."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.mounting import CLOUDFS, Mount
+from tests.servers import Target
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_count_what_the_mount_did(local_target: Target, tmp_path: Path) -> None:
+    port = free_port()
+    m = Mount(local_target, tmp_path / "mnt", tmp_path / "cache",
+              {"metrics": f"127.0.0.1:{port}", "sync_upload": "1"})
+    m.start()
+    try:
+        (local_target.extra["root"] / "theirs").write_bytes(b"four")
+        (m.path / "mine").write_bytes(b"hello")  # close returns once it is stored
+        assert (m.path / "theirs").read_bytes() == b"four"
+        got = scrape(port)
+        puts = got[("cloudfs_backend_requests_total", (("op", "put"), ("result", "ok")))]
+        assert puts == 1
+        assert got[("cloudfs_backend_request_seconds_count", (("op", "put"),))] == puts
+        assert got[("cloudfs_uploaded_bytes_total", ())] == 5
+        assert got[("cloudfs_fetched_bytes_total", ())] == 4
+        assert got[("cloudfs_cache_fetches_total", ())] == 1
+        assert got[("cloudfs_queued_files", ())] == 0
+        assert got[("cloudfs_dirty_bytes", ())] == 0
+        misses = [k for k in got if k[0] == "cloudfs_backend_requests_total" and ("result", "NotFound") in k[1]]
+        assert misses, "lookups of the new name asked the store and got NotFound"
+    finally:
+        m.cleanup()
+
+
+def test_bad_metrics_address_is_one_line_and_exit_2(local_target: Target, tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        for value in ("nonsense", "127.0.0.1:99999", f"127.0.0.1:{port}"):
+            proc = subprocess.run([CLOUDFS, "mount", local_target.url, str(tmp_path / "mnt"), "-o",
+                                   f"metrics={value},cache_dir={tmp_path / 'cache'}"],
+                                  capture_output=True, text=True, timeout=60)
+            assert proc.returncode == 2, (value, proc.stderr)
+            assert len(proc.stderr.strip().splitlines()) == 1 and "metrics" in proc.stderr, proc.stderr

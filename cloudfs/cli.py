@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--profile", help="unmount the mountpoint of this profile")
     u.add_argument("--lazy", action="store_true",
                    help="detach now even if programs still use the mount (they keep what they have open)")
-    st = sub.add_parser("status", help="show cache use, pending uploads and backend requests")
-    st.add_argument("mountpoint")
+    st = sub.add_parser("status", help="show cache use, pending uploads and backend requests "
+                                       "(of every mount when no mountpoint is given)")
+    st.add_argument("mountpoint", nargs="?")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     h = sub.add_parser("install-helper", help="install /sbin/mount.cloudfs for mount(8) and fstab")
     h.add_argument("--prefix", default="/sbin")
@@ -85,8 +86,15 @@ def _status(args: argparse.Namespace) -> int:
     import json
 
     from . import status
-    from .daemon import pid_file
+    from .daemon import pid_file, run_dir
 
+    if args.mountpoint is None:
+        every = status.every_mount(run_dir())
+        if args.json:
+            print(json.dumps(every, indent=2))
+        else:
+            print("\n\n".join(status.render(st) for st in every) if every else "no cloudfs mounts")
+        return 0
     try:
         st = status.query(status.socket_path(pid_file(args.mountpoint)))
     except OSError:

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import logging.handlers
 import os
 import shutil
 import signal
@@ -136,6 +137,22 @@ def prepare(url: str, mountpoint: str, option_text: list[str] | None) -> MountPl
     return MountPlan(url, mountpoint, opts, backend, cache_dir)
 
 
+LOG_BYTES = 10 * 1024 * 1024  # the log rotates at this size, keeping LOG_BACKUPS old files
+LOG_BACKUPS = 3
+
+
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A size-rotated log whose files are created 0600 (they name buckets and keys)."""
+
+    def _open(self) -> Any:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        return os.fdopen(fd, "a", encoding=self.encoding or "utf-8", buffering=1)
+
+
+def log_path(opts: MountOptions, cache_dir: str) -> str:
+    return opts.log_file or os.path.join(cache_dir, "cloudfs.log")
+
+
 def setup_logging(opts: MountOptions, cache_dir: str, foreground: bool) -> None:
     level = logging.DEBUG if opts.debug else logging.INFO
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -144,9 +161,8 @@ def setup_logging(opts: MountOptions, cache_dir: str, foreground: bool) -> None:
     if foreground:
         handler: logging.Handler = logging.StreamHandler(sys.stderr)
     else:
-        path = opts.log_file or os.path.join(cache_dir, "cloudfs.log")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        handler = logging.StreamHandler(os.fdopen(fd, "a", buffering=1))
+        handler = PrivateRotatingFileHandler(log_path(opts, cache_dir), maxBytes=LOG_BYTES,
+                                             backupCount=LOG_BACKUPS)
     handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)
     root.setLevel(level)
@@ -254,9 +270,10 @@ def _serve(plan: MountPlan, ready_fd: int | None, detach: bool) -> int:
                     registry = metrics.registry_for(metrics.MountCollector(plan.backend, cache, uploader,
                                                                            mount.queue))
                     nursery.start_soon(metrics.serve, scrapes, registry)
+                log_at = log_path(opts, plan.cache_dir) if detach else None
                 nursery.start_soon(status.serve, status.socket_path(pid_file(plan.mountpoint)),
                                    lambda: status.snapshot(plan.backend, cache, uploader, mount.queue,
-                                                           plan.mountpoint))
+                                                           plan.mountpoint, log_at))
                 await trio.sleep(0)
                 _write_pid(plan.mountpoint)
                 _report(ready_fd, "ready")

@@ -26,12 +26,13 @@ def socket_path(pid_file: str) -> str:
 
 
 def snapshot(backend: Backend, cache: BlockCache, uploader: Uploader, queue: WritebackQueue,
-             mountpoint: str) -> dict[str, Any]:
+             mountpoint: str, log: str | None = None) -> dict[str, Any]:
     pending = cache.pending_files()
     return {
         "mountpoint": mountpoint,
         "backend": backend.describe(),
         "pid": os.getpid(),
+        "log": log,  # None: the daemon logs to its stderr (--foreground)
         "requests": dict(backend.requests),
         "cache": {
             "dir": cache.dir,
@@ -87,11 +88,22 @@ def query(path: str, timeout: float = 5.0) -> dict[str, Any]:
     return json.loads(b"".join(chunks))
 
 
+def every_mount(run_dir: str) -> list[dict[str, Any]]:
+    """The status of each mount that answers on a socket in ``run_dir`` (dead ones are skipped)."""
+    found = []
+    for name in sorted(os.listdir(run_dir)):
+        if name.endswith(".sock"):
+            with contextlib.suppress(OSError, ValueError):
+                found.append(query(os.path.join(run_dir, name)))
+    return sorted(found, key=lambda st: st["mountpoint"])
+
+
 def render(st: dict[str, Any]) -> str:
     c, u = st["cache"], st["uploads"]
     mib = 1024 * 1024
     lines = [
         f"{st['mountpoint']}: {st['backend']} (pid {st['pid']})",
+        f"cache directory: {c['dir']}" + (f", log: {st['log']}" if st.get("log") else ""),
         f"cache: {c['used_bytes'] / mib:.0f} of {c['max_bytes'] / mib:.0f} MiB used, "
         f"{c['dirty_bytes'] / mib:.0f} MiB not uploaded, {c['hits']} hits, {c['fetches']} fetches, "
         f"{c['evictions']} evictions",

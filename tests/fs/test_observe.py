@@ -1,8 +1,10 @@
-"""Prometheus metrics (``-o metrics=HOST:PORT``), scraped from a real mount during known
-activity: the numbers are the requests and bytes that activity must cause."""
+"""Seeing what a mount does: Prometheus metrics (``-o metrics=HOST:PORT``), scraped from a
+real mount during known activity (the numbers are the requests and bytes that activity must
+cause), and `cloudfs status` of every mount."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import urllib.request
@@ -45,7 +47,8 @@ def test_metrics_count_what_the_mount_did(local_target: Target, tmp_path: Path) 
         assert got[("cloudfs_cache_fetches_total", ())] == 1
         assert got[("cloudfs_queued_files", ())] == 0
         assert got[("cloudfs_dirty_bytes", ())] == 0
-        misses = [k for k in got if k[0] == "cloudfs_backend_requests_total" and ("result", "NotFound") in k[1]]
+        misses = [k for k in got
+                  if k[0] == "cloudfs_backend_requests_total" and ("result", "NotFound") in k[1]]
         assert misses, "lookups of the new name asked the store and got NotFound"
     finally:
         m.cleanup()
@@ -63,3 +66,24 @@ def test_bad_metrics_address_is_one_line_and_exit_2(local_target: Target, tmp_pa
                                   capture_output=True, text=True, timeout=60)
             assert proc.returncode == 2, (value, proc.stderr)
             assert len(proc.stderr.strip().splitlines()) == 1 and "metrics" in proc.stderr, proc.stderr
+
+
+def test_status_without_a_mountpoint_lists_every_mount(local_target: Target, tmp_path: Path) -> None:
+    mounts = [Mount(local_target, tmp_path / f"mnt{i}", tmp_path / f"cache{i}") for i in range(2)]
+    try:
+        for m in mounts:
+            m.start()
+        (mounts[0].path / "f").write_bytes(b"x")
+        out = subprocess.run([CLOUDFS, "status", "--json"], capture_output=True, text=True, timeout=30,
+                             check=True)
+        listed = {st["mountpoint"]: st for st in json.loads(out.stdout)}
+        for i, m in enumerate(mounts):
+            st = listed[str(m.path)]
+            assert st["cache"]["dir"] == str(tmp_path / f"cache{i}")
+            assert st["log"] == str(tmp_path / f"cache{i}" / "cloudfs.log")
+        text = subprocess.run([CLOUDFS, "status"], capture_output=True, text=True, timeout=30,
+                              check=True).stdout
+        assert all(f"{m.path}: " in text for m in mounts)
+    finally:
+        for m in mounts:
+            m.cleanup()

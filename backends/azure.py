@@ -499,6 +499,7 @@ class AzureBackend(Backend):
             with payload.open() as body:
                 result = self._blob(key).upload_blob(body, length=payload.size, overwrite=True,
                                                      metadata=meta, max_concurrency=1,
+                                                     content_settings=self._content_settings(key),
                                                      **self._conditions(if_match, if_none_match))
         except ResourceExistsError as exc:
             if if_none_match and _code_of(exc) == "BlobAlreadyExists":
@@ -593,6 +594,11 @@ class AzureBackend(Backend):
                 raise status_error(resp.status_code, resp.headers.get("x-ms-error-code", ""),
                                    resp.headers, key, self.container)
 
+    def _content_settings(self, key: str) -> Any:
+        from azure.storage.blob import ContentSettings
+
+        return ContentSettings(content_type=self.content_type(key))
+
     # Multipart: staged blocks, committed in part order.
     @staticmethod
     def _block_id(upload_id: str, number: int) -> str:
@@ -632,7 +638,8 @@ class AzureBackend(Backend):
                 raise PreconditionFailed(f"part {p.number} does not belong to this upload")
             blocks.append(BlobBlock(block_id=block_id))
         result = self._blob(key).commit_block_list(
-            blocks, metadata=self._encode_meta(metadata, folder=key.endswith("/")))
+            blocks, metadata=self._encode_meta(metadata, folder=key.endswith("/")),
+            content_settings=self._content_settings(key))
         with self._lock:
             self._uploads.pop(upload_id, None)
         return result["etag"]

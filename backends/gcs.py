@@ -247,7 +247,7 @@ class GCSBackend(Backend):
         blob = self._bucket.blob(key, chunk_size=CHUNK_SIZE if payload.size > CHUNK_SIZE else None)
         blob.metadata = metadata or None
         with payload.open() as src:
-            blob.upload_from_file(src, size=payload.size, content_type=CONTENT_TYPE, rewind=False,
+            blob.upload_from_file(src, size=payload.size, content_type=self.content_type(key), rewind=False,
                                   if_generation_match=gen, retry=None, timeout=TIMEOUT)
         return str(blob.generation)
 
@@ -269,7 +269,7 @@ class GCSBackend(Backend):
             # An object resource in the request body replaces the destination's metadata;
             # without one, GCS copies the source's.
             target.metadata = dict(metadata)
-            target.content_type = CONTENT_TYPE
+            target.content_type = self.content_type(dst)
         token: str | None = None
         while True:  # rewrite works in steps for large objects or across storage classes
             token, _done, _total = target.rewrite(source, token=token, retry=None, timeout=TIMEOUT)
@@ -354,12 +354,12 @@ class GCSBackend(Backend):
                 merged.append((tmp.name, tmp.generation))
             sources = merged
         final = self._bucket.blob(key)
-        final.content_type = CONTENT_TYPE
+        final.content_type = self.content_type(key)
         final.metadata = dict(metadata) or None
         if sources:
             self._compose(final, sources)
         else:  # no parts at all: an empty object
-            final.upload_from_string(b"", content_type=CONTENT_TYPE, retry=None, timeout=TIMEOUT)
+            final.upload_from_string(b"", content_type=self.content_type(key), retry=None, timeout=TIMEOUT)
         self._remove_parts(upload_id)
         self._uploads.pop(upload_id, None)
         return str(final.generation)

@@ -233,6 +233,14 @@ class RetryPolicy:
     max_delay: float = 10.0
     # Upper bound for one blocking SDK call, so a dead connection ends in EIO, not a hang.
     call_timeout: float = 300.0
+    # The same for requests that move no data (HEAD, LIST, DELETE, ...): a hung store is
+    # noticed in seconds, and the attempt is retried like any other transient failure.
+    metadata_timeout: float = 10.0
+
+
+# Primitives that send and receive only a few kilobytes: they get ``metadata_timeout``.
+METADATA_OPS = frozenset({"check_bucket", "list_page", "head", "delete", "delete_after_move",
+                          "mpu_create", "mpu_abort"})
 
 
 class Backend:
@@ -396,6 +404,8 @@ class Backend:
         """
         policy = self.retry
         op = getattr(fn, "__name__", "call").lstrip("_")
+        timeout = min(policy.call_timeout, policy.metadata_timeout) if op in METADATA_OPS \
+            else policy.call_timeout
 
         def wait(state: tenacity.RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
@@ -427,13 +437,13 @@ class Backend:
             with attempt:
                 started = time.monotonic()
                 try:
-                    with trio.fail_after(policy.call_timeout):
-                        try:
+                    try:
+                        with trio.fail_after(timeout):
                             result = await trio.to_thread.run_sync(
                                 functools.partial(self._guard, fn, *args),
                                 limiter=self.limiter, abandon_on_cancel=True)
-                        except trio.TooSlowError:
-                            raise Transient(f"{self.scheme} call timed out") from None
+                    except trio.TooSlowError:
+                        raise Transient(f"{self.scheme}: {op} got no answer in {timeout:g}s") from None
                 except BaseException as exc:
                     self._observe(op, type(exc).__name__, started)
                     if isinstance(exc, TokenExpired):

@@ -115,7 +115,8 @@ def prepare(url: str, mountpoint: str, option_text: list[str] | None) -> MountPl
         raise MountError(str(exc), 2) from None
     except BackendError as exc:
         raise MountError(str(exc), 1) from None
-    backend.retry = RetryPolicy(attempts=opts.retries, call_timeout=opts.timeout)
+    backend.retry = RetryPolicy(attempts=opts.retries, call_timeout=opts.timeout,
+                                metadata_timeout=opts.metadata_timeout)
     backend.limiter.total_tokens = opts.connections
     mountpoint = canonical(mountpoint)
     if not os.path.isdir(mountpoint):

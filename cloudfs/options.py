@@ -33,6 +33,8 @@ OPTIONS: dict[str, str] = {
     "connections": "concurrent requests to the backend (default 16)",
     "retries": "attempts for a failing request before the call fails with EIO (default 6)",
     "timeout": "seconds one request may take before it counts as failed (default 120)",
+    "metadata_timeout": "the same for requests that move no data (HEAD, LIST, DELETE), so a hung "
+                        "store is noticed quickly (default 10)",
     "log_file": "where the daemon logs (default: cloudfs.log in the cache directory)",
     "debug": "verbose logging",
     "metrics": "serve Prometheus metrics on HOST:PORT (e.g. 127.0.0.1:9105): requests by operation "
@@ -61,6 +63,7 @@ class MountOptions:
     connections: int = 16
     retries: int = 6
     timeout: float = 120.0
+    metadata_timeout: float = 10.0
     log_file: str | None = None
     debug: bool = False
     metrics: str | None = None  # HOST:PORT
@@ -110,7 +113,7 @@ def parse(options: dict[str, str], backend_options: frozenset[str]) -> MountOpti
             setattr(m, name, _int(name, value))
         elif name in ("cache_size", "min_free", "max_dirty", "block_size"):
             setattr(m, name, _size(name, value))
-        elif name in ("writeback_delay", "attr_timeout", "timeout", "dir_cache_time"):
+        elif name in ("writeback_delay", "attr_timeout", "timeout", "metadata_timeout", "dir_cache_time"):
             setattr(m, name, _seconds(name, value))
         elif name in ("sync_upload", "debug"):
             setattr(m, name, value.lower() not in ("0", "false", "no"))

@@ -171,6 +171,29 @@ def test_dead_server_gives_eio_not_hang(moto, tmp_path: Path) -> None:  # type: 
         cache.close()
 
 
+def test_hung_store_fails_with_eio_and_one_clear_line(moto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A store that accepts connections and never answers: a lookup gives EIO after the short
+    metadata timeout and its retries, and the log says so without a traceback."""
+    _proc, target = moto
+    upstream = int(target.env["AWS_ENDPOINT_URL_S3"].rsplit(":", 1)[1])
+    with FlakyProxy(upstream, fail_every=10**9) as proxy:
+        hung = Target("s3", target.url, env={**target.env,
+                                             "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.port}"})
+        m = Mount(hung, tmp_path / "mnt", tmp_path / "cache", {"retries": "2", "metadata_timeout": "2"})
+        m.start()
+        try:
+            proxy.hang()
+            with pytest.raises(OSError) as exc:
+                (m.path / "asked-while-hung").read_bytes()
+            assert exc.value.errno == errno.EIO
+            assert proxy.hung >= 2, "the lookup was retried"
+            log = m.log()
+            assert "head got no answer in 2s" in log
+            assert "Traceback" not in log and "TooSlowError" not in log
+        finally:
+            m.kill()
+
+
 def test_umount_reports_what_could_not_be_uploaded(moto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Case 16: the store is down at unmount: ``cloudfs umount`` exits 1 with one line saying
     what stays in the cache directory, and the next mount uploads it."""

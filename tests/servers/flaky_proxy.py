@@ -1,7 +1,8 @@
 """An HTTP proxy on 127.0.0.1 that fails some requests, for retry tests.
 
 Every ``fail_every``-th request is answered with 503 SlowDown (what S3 sends when it
-throttles); the rest are forwarded unchanged to the upstream server.
+throttles); the rest are forwarded unchanged to the upstream server.  After ``hang()``,
+requests are accepted and never answered (a hung store) until the proxy closes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ class FlakyProxy:
         self.fail_every = fail_every
         self.counter = itertools.count(1)
         self.failed = 0
+        self.hung = 0
+        self._hang = threading.Event()
+        self._closing = threading.Event()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -31,6 +35,11 @@ class FlakyProxy:
 
             def _handle(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy._hang.is_set():
+                    proxy.hung += 1
+                    proxy._closing.wait(120)
+                    self.close_connection = True
+                    return
                 if next(proxy.counter) % proxy.fail_every == 0:
                     proxy.failed += 1
                     self.send_response(503)
@@ -61,10 +70,14 @@ class FlakyProxy:
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
+    def hang(self) -> None:
+        self._hang.set()
+
     def __enter__(self) -> FlakyProxy:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._closing.set()
         self.server.shutdown()
         self.server.server_close()

@@ -209,8 +209,10 @@ def encode_xattrs(xattrs: dict[bytes, bytes]) -> str:
 
 
 def decode(meta: dict[str, str] | None, *, is_dir: bool, size: int, server_mtime: float | None,
-           default_uid: int, default_gid: int) -> Attrs:
-    """POSIX attributes for an object (or a directory marker / implicit directory)."""
+           default_uid: int, default_gid: int, file_mode: int = DEFAULT_FILE_MODE,
+           dir_mode: int = DEFAULT_DIR_MODE) -> Attrs:
+    """POSIX attributes for an object (or a directory marker / implicit directory); the
+    ``default_*`` and ``*_mode`` values stand in for what its metadata does not say."""
     meta = {str(k).lower(): v for k, v in (meta or {}).items() if isinstance(v, str)}
     is_dir = is_dir or meta.get("hdi_isfolder", "").strip().lower() == "true"
     mode = parse_mode(meta["mode"], is_dir=is_dir) if "mode" in meta else None
@@ -220,14 +222,14 @@ def decode(meta: dict[str, str] | None, *, is_dir: bool, size: int, server_mtime
     ftype = stat.S_IFMT(mode) if mode else 0
     if is_dir:
         ftype = stat.S_IFDIR
-        perms = DEFAULT_DIR_MODE if perms is None else perms
+        perms = dir_mode if perms is None else perms
     else:
         if meta.get("is_symlink", "").strip().lower() == "true":
             ftype = stat.S_IFLNK
         if ftype not in (stat.S_IFREG, stat.S_IFLNK):
             ftype = stat.S_IFREG  # devices/fifos cannot be served from an object: show a file
         if perms is None:
-            perms = 0o777 if ftype == stat.S_IFLNK else DEFAULT_FILE_MODE
+            perms = 0o777 if ftype == stat.S_IFLNK else file_mode
     mtime = _mtime_from(meta)
     if mtime is None:
         mtime = _float_to_ns(server_mtime or 0.0)

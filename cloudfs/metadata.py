@@ -42,6 +42,8 @@ class MetadataOptions:
     attr_timeout: float = 10.0
     dir_cache_time: float = 300.0
     head_parallel: int = 32
+    file_mode: int = layout.DEFAULT_FILE_MODE  # of objects whose metadata has no mode
+    dir_mode: int = layout.DEFAULT_DIR_MODE
 
 
 @dataclass
@@ -68,7 +70,8 @@ class Metadata:
         return layout.decode(info.metadata if info else None, is_dir=is_dir,
                              size=info.size if info else 0,
                              server_mtime=info.mtime if info else server_mtime,
-                             default_uid=self.opts.uid, default_gid=self.opts.gid)
+                             default_uid=self.opts.uid, default_gid=self.opts.gid,
+                             file_mode=self.opts.file_mode, dir_mode=self.opts.dir_mode)
 
     # ------------------------------------------------------------------ freshness
     def fresh(self, inode: Inode) -> bool:

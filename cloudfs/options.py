@@ -16,6 +16,10 @@ OPTIONS: dict[str, str] = {
     "allow_other": "let other users access the mount (needs user_allow_other for non-root)",
     "uid": "owner of objects that carry no uid metadata (default: the mounting user)",
     "gid": "group of objects that carry no gid metadata (default: the mounting user's group)",
+    "umask": "octal umask for objects that carry no mode metadata: files 0666 and folders 0777 "
+             "minus it (default 022)",
+    "file_mode": "octal permissions of files that carry no mode metadata (default 0644; wins over umask)",
+    "dir_mode": "octal permissions of folders that carry no mode metadata (default 0755; wins over umask)",
     "cache_dir": "block cache directory (default: /var/cache/cloudfs/<bucket-hash> as root, "
                  "else $XDG_CACHE_HOME/cloudfs/<bucket-hash>)",
     "cache_size": "hard limit of the block cache, e.g. 20G (default 10G)",
@@ -49,6 +53,8 @@ class MountOptions:
     allow_other: bool = False
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
+    file_mode: int = 0o644
+    dir_mode: int = 0o755
     cache_dir: str | None = None
     cache_size: int = 10 * 1024**3
     min_free: int = 1024**3
@@ -102,8 +108,19 @@ def _int(name: str, value: str) -> int:
         raise ConfigError(f"-o {name}={value}: not a number") from None
 
 
+def _octal(name: str, value: str) -> int:
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        raise ConfigError(f"-o {name}={value}: not an octal mode (e.g. 0640)") from None
+    if not 0 <= mode <= 0o777:
+        raise ConfigError(f"-o {name}={value}: permissions are 0 to 0777")
+    return mode
+
+
 def parse(options: dict[str, str], backend_options: frozenset[str]) -> MountOptions:
     m = MountOptions()
+    modes: dict[str, int] = {}
     for name, value in options.items():
         if name in ("ro", "rw"):
             m.read_only = name == "ro"
@@ -111,6 +128,8 @@ def parse(options: dict[str, str], backend_options: frozenset[str]) -> MountOpti
             m.allow_other = True
         elif name in ("uid", "gid", "readahead", "transfers", "connections", "retries"):
             setattr(m, name, _int(name, value))
+        elif name in ("umask", "file_mode", "dir_mode"):
+            modes[name] = _octal(name, value)
         elif name in ("cache_size", "min_free", "max_dirty", "block_size"):
             setattr(m, name, _size(name, value))
         elif name in ("writeback_delay", "attr_timeout", "timeout", "metadata_timeout", "dir_cache_time"):
@@ -136,6 +155,9 @@ def parse(options: dict[str, str], backend_options: frozenset[str]) -> MountOpti
         raise ConfigError("-o retries must be at least 1")
     if m.max_dirty is None:
         m.max_dirty = m.cache_size // 2
+    umask = modes.get("umask", 0o022)
+    m.file_mode = modes.get("file_mode", 0o666 & ~umask)
+    m.dir_mode = modes.get("dir_mode", 0o777 & ~umask)
     return m
 
 

@@ -78,6 +78,8 @@ class VfsOptions:
     dir_cache_time: float = 300.0
     sync_upload: bool = False
     readahead_blocks: int = 4
+    file_mode: int = layout.DEFAULT_FILE_MODE  # of objects whose metadata has no mode
+    dir_mode: int = layout.DEFAULT_DIR_MODE
 
 
 class Notify:
@@ -101,10 +103,11 @@ class VFS:
         self.opts = opts
         self.notify = notify or Notify()
         self._background: trio.Nursery | None = None  # read-ahead fetches; see run()
-        root = Meta(Attrs(stat.S_IFDIR | 0o755, opts.uid, opts.gid, time.time_ns()), stored=True)
+        root = Meta(Attrs(stat.S_IFDIR | opts.dir_mode, opts.uid, opts.gid, time.time_ns()), stored=True)
         self.table = InodeTable(root, on_drop=self._dropped)
         self.meta = Metadata(backend, cache, self.table,
-                             MetadataOptions(opts.uid, opts.gid, opts.attr_timeout, opts.dir_cache_time))
+                             MetadataOptions(opts.uid, opts.gid, opts.attr_timeout, opts.dir_cache_time,
+                                             file_mode=opts.file_mode, dir_mode=opts.dir_mode))
         self.handles = Handles()
         self.renamer = Renamer(backend, cache, self.table, intents_dir)
 

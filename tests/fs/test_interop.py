@@ -8,12 +8,13 @@ import io
 import json
 import os
 import stat
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.mounting import Mount
+from tests.mounting import CLOUDFS, Mount
 from tests.servers import Target
 
 SWIFT_META = "x-object-meta-"
@@ -114,6 +115,28 @@ def test_s3fs_style_objects_appear(mnt: Mount, raw: Raw) -> None:
     assert stat.S_IMODE((mnt.path / "tool" / "plain").stat().st_mode) == 0o644
     assert sorted(os.listdir(mnt.path / "tool")) == ["emptydir", "plain", "s3fs-exec"]
     assert (mnt.path / "tool" / "emptydir").stat().st_mode == stat.S_IFDIR | 0o700
+
+
+@pytest.mark.backends("local", "s3")
+def test_modes_of_objects_without_metadata_come_from_the_options(target: Target, raw: Raw,
+                                                                 tmp_path: Path) -> None:
+    raw.put("plain/file", b"no metadata at all")
+    raw.put("plain/own", b"s3fs", {"mode": "33188"})
+    explicit = {"umask": "077", "file_mode": "0640", "dir_mode": "0750"}
+    for options, file_mode, dir_mode in (({"umask": "077"}, 0o600, 0o700), (explicit, 0o640, 0o750)):
+        m = Mount(target, tmp_path / "mnt", tmp_path / "cache", options)
+        m.start()
+        try:
+            assert stat.S_IMODE((m.path / "plain" / "file").stat().st_mode) == file_mode
+            assert stat.S_IMODE((m.path / "plain").stat().st_mode) == dir_mode
+            assert stat.S_IMODE(m.path.stat().st_mode) == dir_mode
+            assert stat.S_IMODE((m.path / "plain" / "own").stat().st_mode) == 0o644  # its own mode
+        finally:
+            m.cleanup()
+    for bad in ("umask=8", "file_mode=1777", "dir_mode=rwx"):
+        proc = subprocess.run([CLOUDFS, "mount", target.url, str(tmp_path / "mnt"), "-o", bad],
+                              capture_output=True, text=True, timeout=60, env={**os.environ, **target.env})
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, (bad, proc.stderr)
 
 
 def test_rclone_style_objects_appear(mnt: Mount, raw: Raw) -> None:

@@ -106,6 +106,7 @@ class CloudFS(pyfuse3.Operations):
         a = pyfuse3.EntryAttributes()
         a.st_ino = inode.ino
         a.st_mode = attrs.mode
+        a.st_rdev = attrs.rdev
         a.st_nlink = 2 if inode.is_dir else 1
         a.st_uid = attrs.uid
         a.st_gid = attrs.gid
@@ -249,7 +250,7 @@ class CloudFS(pyfuse3.Operations):
     @fuse_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
                     ) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EPERM)  # device nodes and fifos are not stored
+        return self._entry(await self.vfs.mknod(parent_inode, name, mode, rdev, _ctx(ctx)))
 
     # ------------------------------------------------------------------ xattrs
     @fuse_errors

@@ -9,6 +9,8 @@ header prefix):
 * ``mtime`` epoch seconds with a 9-digit fraction (``1700000000.500000000``)
 * ``xattr`` s3fs's form: URL-encoded JSON object of name -> base64(value)
 * a symlink is an object whose body is the target, with S_IFLNK in ``mode``
+* a FIFO, socket or device node is an empty object with its type in ``mode`` and, for a
+  device, ``rdev`` (decimal), as s3fs's mknod writes them
 * an empty directory is a ``dir/`` marker object
 
 Reading accepts the forms written by rclone (fractional ``mtime`` without padding, octal
@@ -32,6 +34,7 @@ DEFAULT_FILE_MODE = 0o644
 DEFAULT_DIR_MODE = 0o755
 _VALID_TYPES = {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR,
                 stat.S_IFBLK}
+SPECIAL_TYPES = frozenset({stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK})
 _NS = 1_000_000_000
 _MAX_NS = 2**63 - 1  # st_mtime_ns is a signed 64-bit count of nanoseconds
 _MAX_ID = 2**32 - 1  # uid_t/gid_t are 32-bit unsigned
@@ -53,10 +56,16 @@ class Attrs:
     mtime_ns: int
     size: int = 0
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    rdev: int = 0  # the device number of a device node
 
     @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_special(self) -> bool:
+        """A FIFO, socket or device node: only its attributes are stored."""
+        return stat.S_IFMT(self.mode) in SPECIAL_TYPES
 
     @property
     def is_symlink(self) -> bool:
@@ -226,8 +235,8 @@ def decode(meta: dict[str, str] | None, *, is_dir: bool, size: int, server_mtime
     else:
         if meta.get("is_symlink", "").strip().lower() == "true":
             ftype = stat.S_IFLNK
-        if ftype not in (stat.S_IFREG, stat.S_IFLNK):
-            ftype = stat.S_IFREG  # devices/fifos cannot be served from an object: show a file
+        if ftype not in (stat.S_IFREG, stat.S_IFLNK) and ftype not in SPECIAL_TYPES:
+            ftype = stat.S_IFREG
         if perms is None:
             perms = 0o777 if ftype == stat.S_IFLNK else file_mode
     mtime = _mtime_from(meta)
@@ -235,13 +244,15 @@ def decode(meta: dict[str, str] | None, *, is_dir: bool, size: int, server_mtime
         mtime = _float_to_ns(server_mtime or 0.0)
     uid = _int(meta, "uid", "goog-reserved-posix-uid")
     gid = _int(meta, "gid", "goog-reserved-posix-gid")
+    rdev = (_int(meta, "rdev") or 0) if ftype in (stat.S_IFCHR, stat.S_IFBLK) else 0
     return Attrs(
         mode=ftype | perms,
         uid=default_uid if uid is None else uid,
         gid=default_gid if gid is None else gid,
         mtime_ns=mtime,
-        size=0 if ftype == stat.S_IFDIR else size,
+        size=0 if ftype == stat.S_IFDIR or ftype in SPECIAL_TYPES else size,
         xattrs=decode_xattrs(meta["xattr"]) if "xattr" in meta else {},
+        rdev=rdev,
     )
 
 
@@ -255,6 +266,8 @@ def encode(attrs: Attrs) -> dict[str, str]:
     }
     if attrs.xattrs:
         meta["xattr"] = encode_xattrs(attrs.xattrs)
+    if attrs.rdev:
+        meta["rdev"] = str(attrs.rdev)
     return meta
 
 
@@ -262,7 +275,8 @@ def metadata_size(meta: dict[str, str]) -> int:
     return sum(len(k) + len(v) for k, v in meta.items())
 
 
-OWN_KEYS = frozenset({"mode", "uid", "gid", "mtime", "xattr", "cloudfs_upload"})  # + the uploader's token
+# cloudfs's keys, the uploader's token among them.
+OWN_KEYS = frozenset({"mode", "uid", "gid", "mtime", "xattr", "rdev", "cloudfs_upload"})
 
 
 def foreign(meta: dict[str, str] | None) -> dict[str, str]:

@@ -203,12 +203,13 @@ class Metadata:
         return (info.metadata or {}).get("hdi_isfolder") == "true"
 
     def remember_file(self, path: str, info: ObjectInfo) -> Inode:
-        """A file or symlink object the store holds at ``path``."""
+        """A file, symlink or special file (FIFO, socket, device) object the store holds at
+        ``path``.  Only regular files have contents in the cache."""
         attrs = self.decode(info, is_dir=False)
         self.negative.pop(path, None)
         inode = self.table.get(path)
-        if attrs.is_symlink:
-            known = inode.meta if inode is not None and inode.is_symlink else None
+        if attrs.is_symlink or attrs.is_special:
+            known = inode.meta if inode is not None and inode.meta is not None and not inode.is_dir else None
             if inode is not None and known is not None and known.etag == info.etag:
                 known.refreshed = time.monotonic()
                 return inode

@@ -563,6 +563,29 @@ class VFS:
         self.meta.added(path)
         return inode
 
+    async def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int, ctx: Ctx) -> Inode:
+        """A FIFO, socket or device node is an empty object that holds its attributes (the
+        kernel does its I/O; nodev keeps devices closed); S_IFREG makes an empty file."""
+        self._writable()
+        path = self._path(self.inode(parent_ino), name)
+        self._check_key(path)
+        ftype = stat.S_IFMT(mode) or stat.S_IFREG
+        if ftype not in layout.SPECIAL_TYPES and ftype != stat.S_IFREG:
+            raise fail(errno.EINVAL)
+        if await self._lookup(path) is not None:
+            raise fail(errno.EEXIST)
+        attrs = Attrs(ftype | stat.S_IMODE(mode), ctx.uid, ctx.gid, time.time_ns(),
+                      rdev=rdev if ftype in (stat.S_IFCHR, stat.S_IFBLK) else 0)
+        if ftype == stat.S_IFREG:
+            file = self.cache.new_file(path, attrs)
+            self.renamer.adopt(file)
+            inode = self.table.add(path, file=file)
+        else:
+            etag = await self.backend.put(path, Payload.from_bytes(b""), layout.encode(attrs))
+            inode = self.table.add(path, meta=Meta(attrs, etag, True))
+        self.meta.added(path)
+        return inode
+
     async def readlink(self, ino: int) -> bytes:
         inode = self.inode(ino)
         if not inode.is_symlink or inode.meta is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import socket
 import stat
 import threading
 import time
@@ -267,6 +268,40 @@ def test_xattrs(mnt: Mount) -> None:
     with pytest.raises(OSError) as exc:
         os.getxattr(mnt.path / "x", "user.missing")
     assert exc.value.errno == errno.ENODATA
+
+
+def test_special_files(mnt: Mount) -> None:
+    """FIFOs, sockets and device nodes are stored (as s3fs stores them) and keep their type,
+    permissions and device number across a remount; a FIFO works as one on the mount."""
+    os.mkfifo(mnt.path / "fifo", 0o640)
+    os.mknod(mnt.path / "tty", stat.S_IFCHR | 0o600, os.makedev(5, 0))
+    os.mknod(mnt.path / "disk", stat.S_IFBLK | 0o640, os.makedev(7, 3))
+    os.mknod(mnt.path / "plain", stat.S_IFREG | 0o644)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(mnt.path / "sock"))
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append((mnt.path / "fifo").read_bytes()))
+    reader.start()
+    with open(mnt.path / "fifo", "wb") as w:
+        w.write(b"through the pipe")
+    reader.join(30)
+    assert got == [b"through the pipe"]
+    os.chmod(mnt.path / "fifo", 0o600)
+    os.rename(mnt.path / "disk", mnt.path / "loop3")
+    mnt.remount()
+    st = {name: os.lstat(mnt.path / name) for name in ("fifo", "tty", "loop3", "plain", "sock")}
+    assert st["fifo"].st_mode == stat.S_IFIFO | 0o600
+    assert st["tty"].st_mode == stat.S_IFCHR | 0o600 and st["tty"].st_rdev == os.makedev(5, 0)
+    assert st["loop3"].st_mode == stat.S_IFBLK | 0o640 and st["loop3"].st_rdev == os.makedev(7, 3)
+    assert st["plain"].st_mode == stat.S_IFREG | 0o644 and st["plain"].st_size == 0
+    assert stat.S_ISSOCK(st["sock"].st_mode)
+    assert sorted(os.listdir(mnt.path)) == ["fifo", "loop3", "plain", "sock", "tty"]
+    with pytest.raises(OSError):  # nodev: a device node on the mount does not open the device
+        open(mnt.path / "tty", "rb").close()
+    for name in ("fifo", "tty", "loop3", "sock"):
+        os.unlink(mnt.path / name)
+    mnt.remount()
+    assert os.listdir(mnt.path) == ["plain"]
 
 
 def test_hard_links_refused(mnt: Mount) -> None:

@@ -259,9 +259,13 @@ def test_directory_marker_wins_over_file_mode() -> None:
     assert decode({"mode": "33188", "hdi_isfolder": "true"}, size=0).mode == stat.S_IFDIR | 0o644
 
 
-def test_devices_and_fifos_show_as_files() -> None:
+def test_special_files_keep_their_type_and_device_number() -> None:
+    """s3fs's mknod objects: the type in ``mode``, a device's number in ``rdev``."""
     for mode in (stat.S_IFIFO | 0o600, stat.S_IFCHR | 0o600, stat.S_IFBLK | 0o600, stat.S_IFSOCK | 0o600):
-        assert decode({"mode": str(mode)}, size=1).mode == stat.S_IFREG | 0o600
+        attrs = decode({"mode": str(mode), "rdev": "259"}, size=1)
+        assert attrs.mode == mode and attrs.size == 0
+        assert attrs.rdev == (259 if stat.S_IFMT(mode) in (stat.S_IFCHR, stat.S_IFBLK) else 0)
+        assert layout.encode(attrs).get("rdev") == ("259" if attrs.rdev else None)
 
 
 def test_s3fs_legacy_directory_object_without_slash_is_a_file() -> None:

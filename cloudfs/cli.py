@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from typing import Any
 
 from .daemon import MountError, mount, prepare, unmount
@@ -47,6 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(of every mount when no mountpoint is given)")
     st.add_argument("mountpoint", nargs="?")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    c = sub.add_parser("cache", help="list or remove cache directories (never ones in use or with "
+                                      "pending uploads)")
+    csub = c.add_subparsers(dest="cache_command", required=True)
+    cl = csub.add_parser("list", help="cache directories, their store, size and pending uploads")
+    cl.add_argument("--dir", help="where to look (default: where default cache directories live)")
+    cl.add_argument("--json", action="store_true", help="machine-readable output")
+    cc = csub.add_parser("clean", help="remove cache directories that are not in use and hold "
+                                       "nothing to upload")
+    cc.add_argument("paths", nargs="*", help="these cache directories (default: every one in --dir)")
+    cc.add_argument("--dir", help="where to look (default: where default cache directories live)")
+    cc.add_argument("--older-than", help="only those unused for this long, e.g. 30d, 12h")
     h = sub.add_parser("install-helper", help="install /sbin/mount.cloudfs for mount(8) and fstab")
     h.add_argument("--prefix", default="/sbin")
     h2 = sub.add_parser("uninstall-helper", help="remove /sbin/mount.cloudfs")
@@ -69,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "status":
             return _status(args)
+        if args.command == "cache":
+            return _cache(args)
         from . import mount_helper
         if args.command == "install-helper":
             mount_helper.install(args.prefix)
@@ -101,6 +115,44 @@ def _status(args: argparse.Namespace) -> int:
         raise MountError(f"{args.mountpoint}: no cloudfs mount answers there", 1) from None
     print(json.dumps(st, indent=2) if args.json else status.render(st))
     return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    import json
+
+    import humanfriendly
+
+    from . import cache_dirs
+
+    base = args.dir or cache_dirs.default_base()
+    if args.cache_command == "list":
+        found = [cache_dirs.describe(p) for p in cache_dirs.candidates(base)]
+        if args.json:
+            print(json.dumps([d.as_dict() for d in found], indent=2))
+        for d in found if not args.json else []:
+            state = "in use" if d.in_use else "idle"
+            pending = f", {d.pending_files} file(s) to upload" if d.pending_files else ""
+            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(d.last_used))
+            print(f"{d.path}: {d.store or '?'}, {humanfriendly.format_size(d.bytes, binary=True)}, "
+                  f"{state}{pending}, last used {used}")
+        if not found and not args.json:
+            print(f"no cache directories in {base}")
+        return 0
+    older = None
+    if args.older_than:
+        try:
+            older = humanfriendly.parse_timespan(args.older_than)
+        except humanfriendly.InvalidTimespan:
+            raise MountError(f"--older-than {args.older_than}: not a duration (e.g. 30d, 12h)", 2) from None
+    kept = 0
+    for path in args.paths or cache_dirs.candidates(base):
+        why = cache_dirs.clean(os.path.abspath(path), older)
+        if why is None:
+            print(f"removed {path}")
+        else:
+            kept += 1
+            print(f"kept {path}: {why}", file=sys.stderr)
+    return 1 if kept and args.paths else 0
 
 
 def _load_profile(name: str) -> Any:

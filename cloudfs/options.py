@@ -173,12 +173,10 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 def default_cache_dir(url: str) -> str:
+    from cloudfs.cache_dirs import default_base
+
     digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
-    if os.getuid() == 0:
-        base = "/var/cache/cloudfs"
-    else:
-        base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cloudfs")
-    return os.path.join(base, digest)
+    return os.path.join(default_base(), digest)
 
 
 def markdown_table() -> str:

@@ -1,10 +1,11 @@
 """Seeing what a mount does: Prometheus metrics (``-o metrics=HOST:PORT``), scraped from a
 real mount during known activity (the numbers are the requests and bytes that activity must
-cause), and `cloudfs status` of every mount."""
+cause), and `cloudfs status` of every mount, and the cache directory housekeeping."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import urllib.request
@@ -87,3 +88,41 @@ def test_status_without_a_mountpoint_lists_every_mount(local_target: Target, tmp
     finally:
         for m in mounts:
             m.cleanup()
+
+
+def test_cache_list_and_clean_never_remove_what_is_in_use_or_pending(local_target: Target,
+                                                                    tmp_path: Path) -> None:
+    base = tmp_path / "caches"
+    busy = Mount(local_target, tmp_path / "mnt", base / "busy", {"writeback_delay": "1h"})
+    idle = Mount(local_target, tmp_path / "mnt2", base / "idle")
+
+    def cache(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([CLOUDFS, "cache", *args], capture_output=True, text=True, timeout=60)
+
+    try:
+        idle.start()
+        idle.stop()
+        busy.start()
+        with open(busy.path / "pending", "wb") as f:
+            f.write(b"not uploaded yet")
+            os.fsync(f.fileno())
+        listed = {d["path"]: d for d in json.loads(cache("list", "--dir", str(base), "--json").stdout)}
+        assert listed[str(base / "busy")]["in_use"] and listed[str(base / "busy")]["pending_files"] == 1
+        assert not listed[str(base / "idle")]["in_use"] and listed[str(base / "idle")]["pending_files"] == 0
+        assert listed[str(base / "idle")]["store"].rstrip("/") == f"file://{local_target.extra['root']}"
+        proc = cache("clean", str(base / "busy"))
+        assert proc.returncode == 1 and "in use" in proc.stderr
+        busy.kill()
+        proc = cache("clean", str(base / "busy"))
+        assert proc.returncode == 1 and "not uploaded" in proc.stderr
+        proc = cache("clean", "--dir", str(base), "--older-than", "30d")
+        assert proc.returncode == 0 and sorted(os.listdir(base)) == ["busy", "idle"]
+        proc = cache("clean", "--dir", str(base))
+        assert proc.returncode == 0 and os.listdir(base) == ["busy"]
+        busy.start()  # the pending file goes up at unmount, and then nothing holds the cache
+        busy.stop()
+        assert (local_target.extra["root"] / "pending").read_bytes() == b"not uploaded yet"
+        assert cache("clean", str(base / "busy")).returncode == 0 and os.listdir(base) == []
+    finally:
+        busy.cleanup()
+        idle.cleanup()

@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(of every mount when no mountpoint is given)")
     st.add_argument("mountpoint", nargs="?")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    sy = sub.add_parser("sync", help="upload everything pending now and wait until it is stored")
+    sy.add_argument("mountpoint")
+    sy.add_argument("--timeout", type=float, help="give up after this many seconds (exit 1)")
+    w = sub.add_parser("warm", help="fetch files into the cache (folders: everything below)")
+    w.add_argument("paths", nargs="+")
     c = sub.add_parser("cache", help="list or remove cache directories (never ones in use or with "
                                       "pending uploads)")
     csub = c.add_subparsers(dest="cache_command", required=True)
@@ -83,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             return _status(args)
         if args.command == "cache":
             return _cache(args)
+        if args.command == "sync":
+            return _sync(args.mountpoint, args.timeout)
+        if args.command == "warm":
+            return _warm(args.paths)
         from . import mount_helper
         if args.command == "install-helper":
             mount_helper.install(args.prefix)
@@ -114,6 +123,77 @@ def _status(args: argparse.Namespace) -> int:
     except OSError:
         raise MountError(f"{args.mountpoint}: no cloudfs mount answers there", 1) from None
     print(json.dumps(st, indent=2) if args.json else status.render(st))
+    return 0
+
+
+def _progress(total: int, desc: str) -> Any:
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc)
+
+
+def _sync(mountpoint: str, timeout: float | None) -> int:
+    """Upload every pending file now; return once none is pending (0) or all that remain
+    failed their last try, or ``timeout`` passed (1)."""
+    from . import status
+    from .daemon import _syncfs, pid_file
+
+    sock = status.socket_path(pid_file(mountpoint))
+    _syncfs(mountpoint)  # the kernel's dirty pages reach the mount first
+    try:
+        st = status.query(sock, "sync")
+    except OSError:
+        raise MountError(f"{mountpoint}: no cloudfs mount answers there", 1) from None
+    start = st["uploads"]["uploaded_bytes"]
+    bar = _progress(st["uploads"]["pending_bytes"], "cloudfs: uploading")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while (pending := st["uploads"]["pending_files"]) and len(st["uploads"]["errors"]) < pending:
+            if deadline is not None and time.monotonic() > deadline:
+                raise MountError(f"{mountpoint}: {pending} file(s) still uploading after {timeout:g}s", 1)
+            time.sleep(0.2)
+            st = status.query(sock, "sync")
+            if bar is not None:
+                bar.n = min(bar.total, st["uploads"]["uploaded_bytes"] - start)
+                bar.refresh()
+    finally:
+        if bar is not None:
+            bar.close()
+    if pending:
+        key, error = next(iter(st["uploads"]["errors"].items()))
+        raise MountError(f"{mountpoint}: {pending} file(s) could not be uploaded and stay queued "
+                         f"({key}: {error})", 1)
+    return 0
+
+
+def _warm(paths: list[str]) -> int:
+    """Read files through the mount so their blocks are in the cache."""
+    files: list[tuple[str, int]] = []
+    for path in paths:
+        if os.path.isdir(path):
+            for dirpath, _dirs, names in os.walk(path):
+                files += [(p, os.path.getsize(p)) for p in (os.path.join(dirpath, n) for n in sorted(names))
+                          if os.path.isfile(p)]
+        elif os.path.isfile(path):
+            files.append((path, os.path.getsize(path)))
+        else:
+            raise MountError(f"{path}: no such file or folder", 2)
+    total = sum(size for _, size in files)
+    bar = _progress(total, "cloudfs: warming")
+    try:
+        for path, _size in files:
+            with open(path, "rb", buffering=0) as f:
+                while chunk := f.read(1024 * 1024):
+                    if bar is not None:
+                        bar.update(len(chunk))
+    except OSError as exc:
+        raise MountError(f"{exc.filename}: {exc.strerror}", 1) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"warmed {len(files)} file(s), {total} bytes", file=sys.stderr)
     return 0
 
 

@@ -274,7 +274,8 @@ def _serve(plan: MountPlan, ready_fd: int | None, detach: bool) -> int:
                 log_at = log_path(opts, plan.cache_dir) if detach else None
                 nursery.start_soon(status.serve, status.socket_path(pid_file(plan.mountpoint)),
                                    lambda: status.snapshot(plan.backend, cache, uploader, mount.queue,
-                                                           plan.mountpoint, log_at))
+                                                           plan.mountpoint, log_at),
+                                   mount.queue.expedite)
                 await trio.sleep(0)
                 _write_pid(plan.mountpoint)
                 _report(ready_fd, "ready")

@@ -1,8 +1,10 @@
 """`cloudfs status MOUNTPOINT`: what a running mount is doing.
 
 The daemon answers on a private Unix socket beside its pid file (0600 in a 0700 run
-directory) with one JSON document: backend requests by operation, cache use, pending
-uploads and recent upload errors.  No secrets are in it.
+directory).  A client sends one command line, ``status`` or ``sync`` (upload every pending
+file now, without waiting for the write-back delay), and gets one JSON document back:
+backend requests by operation, cache use, pending uploads and recent upload errors.  No
+secrets are in it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import contextlib
 import json
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -54,8 +57,8 @@ def snapshot(backend: Backend, cache: BlockCache, uploader: Uploader, queue: Wri
     }
 
 
-async def serve(path: str, report: Any) -> None:
-    """Answer every connection with ``report()`` as JSON, until cancelled."""
+async def serve(path: str, report: Callable[[], dict[str, Any]], expedite: Callable[[], None]) -> None:
+    """Answer every connection's command with ``report()`` as JSON, until cancelled."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -71,17 +74,26 @@ async def serve(path: str, report: Any) -> None:
             while True:
                 stream = await listener.accept()
                 async with stream:
-                    with contextlib.suppress(trio.BrokenResourceError):
+                    with contextlib.suppress(trio.BrokenResourceError), trio.move_on_after(10):
+                        command = b""
+                        while b"\n" not in command and len(command) < 64:
+                            chunk = await stream.receive_some(64)
+                            if not chunk:
+                                break
+                            command += chunk
+                        if command.strip() == b"sync":
+                            expedite()
                         await stream.send_all(json.dumps(report()).encode())
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 
 
-def query(path: str, timeout: float = 5.0) -> dict[str, Any]:
+def query(path: str, command: str = "status", timeout: float = 5.0) -> dict[str, Any]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(path)
+        s.sendall(command.encode() + b"\n")
         chunks = []
         while data := s.recv(65536):
             chunks.append(data)

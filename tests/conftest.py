@@ -12,6 +12,7 @@ import pytest
 
 from tests.mounting import Mount
 from tests.servers import Target, selected_backends, server_class
+from tests.servers.s3 import CREDENTIALS, boto3_client, start_moto
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -59,6 +60,17 @@ def mnt(target: Target, tmp_path: Path) -> Iterator[Mount]:
     m.start()
     yield m
     m.cleanup()
+
+
+@pytest.fixture
+def moto(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A private moto server this test may stop: the shared one must stay up."""
+    proc, port = start_moto(tmp_path, "moto-fault")
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3_client(endpoint).create_bucket(Bucket="faults")
+    env = {**CREDENTIALS, "AWS_ENDPOINT_URL_S3": endpoint}
+    yield proc, Target("s3", "s3://faults", env=env, sdk=boto3_client(endpoint))
+    proc.stop()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -21,7 +21,6 @@ import pytest
 from tests.mounting import CLOUDFS, Mount, mounted
 from tests.servers import Target
 from tests.servers.flaky_proxy import FlakyProxy
-from tests.servers.s3 import CREDENTIALS, boto3_client, start_moto
 
 MiB = 1024 * 1024
 
@@ -30,17 +29,6 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60
         ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([CLOUDFS, *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
-
-
-@pytest.fixture
-def moto(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """A private moto server this test may stop: the shared one must stay up."""
-    proc, port = start_moto(tmp_path, "moto-fault")
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3_client(endpoint).create_bucket(Bucket="faults")
-    env = {**CREDENTIALS, "AWS_ENDPOINT_URL_S3": endpoint}
-    yield proc, Target("s3", "s3://faults", env=env, sdk=boto3_client(endpoint))
-    proc.stop()
 
 
 # ---------------------------------------------------------------------- crash safety

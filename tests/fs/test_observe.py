@@ -10,6 +10,7 @@ import socket
 import subprocess
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -126,3 +127,48 @@ def test_cache_list_and_clean_never_remove_what_is_in_use_or_pending(local_targe
     finally:
         busy.cleanup()
         idle.cleanup()
+
+
+def status_of(m: Mount) -> dict[str, Any]:
+    out = subprocess.run([CLOUDFS, "status", "--json", str(m.path)], capture_output=True, text=True,
+                         timeout=30, check=True)
+    return dict(json.loads(out.stdout))
+
+
+def test_sync_uploads_now_and_warm_fills_the_cache(local_target: Target, tmp_path: Path) -> None:
+    root = local_target.extra["root"]
+    (root / "data").mkdir()
+    (root / "data" / "a").write_bytes(os.urandom(3 * 1024 * 1024 + 5))
+    (root / "data" / "b").write_bytes(b"small")
+    m = Mount(local_target, tmp_path / "mnt", tmp_path / "cache",
+              {"writeback_delay": "1h", "block_size": "1M"})
+    m.start()
+    try:
+        (m.path / "new").write_bytes(b"uploaded by sync")
+        proc = subprocess.run([CLOUDFS, "sync", str(m.path)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert (root / "new").read_bytes() == b"uploaded by sync"
+        assert status_of(m)["uploads"]["pending_files"] == 0
+        proc = subprocess.run([CLOUDFS, "warm", str(m.path / "data")], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0 and "warmed 2 file(s)" in proc.stderr, proc.stderr
+        assert status_of(m)["cache"]["fetches"] == 5  # 4 blocks of a, 1 of b
+        m.remount()  # warm survives: the blocks are in the cache directory
+        assert (m.path / "data" / "a").read_bytes() == (root / "data" / "a").read_bytes()
+        assert status_of(m)["cache"]["fetches"] == 0
+    finally:
+        m.cleanup()
+
+
+def test_sync_with_the_store_down_exits_1_with_one_line(moto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    proc, target = moto
+    m = Mount(target, tmp_path / "mnt", tmp_path / "cache", {"writeback_delay": "1h", "retries": "1"})
+    m.start()
+    try:
+        (m.path / "stuck").write_bytes(b"waits for the store")
+        proc.stop()
+        out = subprocess.run([CLOUDFS, "sync", str(m.path)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1 and "1 file(s) could not be uploaded" in out.stderr
+    finally:
+        m.kill()

@@ -238,6 +238,10 @@ class RetryPolicy:
     metadata_timeout: float = 10.0
 
 
+def _ignore_reachability(up: bool) -> None:
+    pass
+
+
 # Primitives that send and receive only a few kilobytes: they get ``metadata_timeout``.
 METADATA_OPS = frozenset({"check_bucket", "list_page", "head", "delete", "delete_after_move",
                           "mpu_create", "mpu_abort"})
@@ -268,6 +272,8 @@ class Backend:
         # requests saw it (each remembers the generation it was sent with).
         self._auth_lock = trio.Lock()
         self._auth_generation = 0
+        self.offline_since: float | None = None  # wall time since when the store does not answer
+        self._on_reachability: Callable[[bool], None] = _ignore_reachability
 
     @classmethod
     def from_url(cls, netloc: str, path: str, options: dict[str, str]) -> Backend:
@@ -406,6 +412,9 @@ class Backend:
         op = getattr(fn, "__name__", "call").lstrip("_")
         timeout = min(policy.call_timeout, policy.metadata_timeout) if op in METADATA_OPS \
             else policy.call_timeout
+        # While the store is unreachable, one attempt per call: what is not cached fails fast,
+        # and the first answer brings the store back (see ``_reachable``).
+        attempts = policy.attempts if retry and self.offline_since is None else 1
 
         def wait(state: tenacity.RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
@@ -420,16 +429,29 @@ class Backend:
         def before_sleep(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             log.warning("%s: %s failed (%s), retry %d/%d", self.describe(), op, exc,
-                        state.attempt_number, policy.attempts - 1)
+                        state.attempt_number, attempts - 1)
 
         retrying = tenacity.AsyncRetrying(
             sleep=trio.sleep,
-            stop=tenacity.stop_after_attempt(policy.attempts if retry else 1),
+            stop=tenacity.stop_after_attempt(attempts),
             wait=wait,
             retry=tenacity.retry_if_exception_type(Transient),
             before_sleep=before_sleep,
             reraise=True,
         )
+        try:
+            result = await self._attempts(fn, args, op, timeout, retrying)
+        except Transient:
+            self._reachable(False)
+            raise
+        except BackendError:
+            self._reachable(True)  # it answered, if only to refuse
+            raise
+        self._reachable(True)
+        return result
+
+    async def _attempts(self, fn: Callable[..., T], args: tuple[Any, ...], op: str, timeout: float,
+                        retrying: tenacity.AsyncRetrying) -> T:
         renewed = False
         async for attempt in retrying:
             self.requests[op] += 1
@@ -455,6 +477,22 @@ class Backend:
                 self._observe(op, "ok", started)
                 return result
         raise AssertionError("unreachable")
+
+    def watch_reachability(self, callback: Callable[[bool], None]) -> None:
+        """``callback(False)`` when the store stops answering, ``callback(True)`` when it
+        answers again."""
+        self._on_reachability = callback
+
+    def _reachable(self, up: bool) -> None:
+        if up and self.offline_since is not None:
+            log.warning("%s answers again", self.describe())
+            self.offline_since = None
+            self._on_reachability(True)
+        elif not up and self.offline_since is None:
+            log.warning("%s does not answer: serving what is cached, keeping changes to upload later",
+                        self.describe())
+            self.offline_since = time.time()
+            self._on_reachability(False)
 
     def _observe(self, op: str, outcome: str, started: float) -> None:
         self.results[(op, outcome)] += 1

@@ -7,9 +7,11 @@ codes, keys and bucket names only.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import email.utils
 import errno as _errno
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -145,3 +147,25 @@ def error_for_status(status: int | None, message: str, retry_after: float | None
     if status == 501:
         return NotSupported(message)
     return BackendError(message)
+
+
+def single_error(group: BaseExceptionGroup) -> BaseException:  # type: ignore[type-arg]
+    """Parallel requests (a nursery) fail as a group: its first BackendError/OSError alone,
+    or the group itself when it holds anything else (Cancelled, a bug), so trio and the
+    caller see that unchanged."""
+    matched, rest = group.split((BackendError, OSError))
+    if matched is None or rest is not None:
+        return group
+    exc: BaseException = matched
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+@contextlib.contextmanager
+def one_error() -> Iterator[None]:
+    """Around a nursery of requests: raise ``single_error`` of the group it fails with."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        raise single_error(group) from None

@@ -40,7 +40,7 @@ import trio
 
 from cloudfs.backends import Backend, PartInfo, Payload
 from cloudfs.backends.base import Segment
-from cloudfs.backends.errors import BackendError, NotFound
+from cloudfs.backends.errors import BackendError, NotFound, single_error
 from cloudfs.layout import metadata_size
 
 from .block_cache import UPLOAD_KEY, BlockCache, Snapshot, carries
@@ -322,7 +322,7 @@ class Uploader:
                         continue
                     nursery.start_soon(self._send_part, file, snap, upload, number, start, length, parts)
         except BaseExceptionGroup as group:
-            raise _single_error(group) from None
+            raise single_error(group) from None
         etag = await self.backend.mpu_complete(snap.key, upload.upload_id, parts)
         if {k: v for k, v in upload.metadata.items() if k != UPLOAD_KEY} != snap.metadata:
             # Attributes changed after the upload was opened (a chmod while it streamed).
@@ -458,18 +458,3 @@ def _size(path: str) -> int:
 
 def _open_ro(path: str) -> int:
     return os.open(path, os.O_RDONLY)
-
-
-def _single_error(group: BaseExceptionGroup) -> BaseException:  # type: ignore[type-arg]
-    """The first BackendError/OSError of a part nursery's group; the group itself otherwise.
-
-    Anything else (Cancelled, a bug) keeps its group so trio and the caller see it unchanged.
-    """
-    matched, rest = group.split((BackendError, OSError))
-    if matched is None or rest is not None:
-        return group
-    exc: BaseException = matched
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
-

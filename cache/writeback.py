@@ -69,6 +69,13 @@ class WritebackQueue:
             elif i in self._due or id is not None:
                 self._push(i, max(now, self.retry_at.get(i, 0.0)))
 
+    def retry_now(self) -> None:
+        """Every queued id due now, backoffs and last errors forgotten: the store is back, or
+        a user asked for everything to go up (``cloudfs sync``)."""
+        self.retry_at.clear()
+        self.errors.clear()
+        self.expedite()
+
     def discard(self, id: str) -> None:
         self._due.pop(id, None)
         self._again.discard(id)

@@ -135,8 +135,8 @@ def _progress(total: int, desc: str) -> Any:
 
 
 def _sync(mountpoint: str, timeout: float | None) -> int:
-    """Upload every pending file now; return once none is pending (0) or all that remain
-    failed their last try, or ``timeout`` passed (1)."""
+    """Upload every pending file now; return once none is pending (0), or all that remain
+    failed a try since, or ``timeout`` passed (1)."""
     from . import status
     from .daemon import _syncfs, pid_file
 
@@ -154,7 +154,7 @@ def _sync(mountpoint: str, timeout: float | None) -> int:
             if deadline is not None and time.monotonic() > deadline:
                 raise MountError(f"{mountpoint}: {pending} file(s) still uploading after {timeout:g}s", 1)
             time.sleep(0.2)
-            st = status.query(sock, "sync")
+            st = status.query(sock)
             if bar is not None:
                 bar.n = min(bar.total, st["uploads"]["uploaded_bytes"] - start)
                 bar.refresh()

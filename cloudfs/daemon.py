@@ -275,7 +275,7 @@ def _serve(plan: MountPlan, ready_fd: int | None, detach: bool) -> int:
                 nursery.start_soon(status.serve, status.socket_path(pid_file(plan.mountpoint)),
                                    lambda: status.snapshot(plan.backend, cache, uploader, mount.queue,
                                                            plan.mountpoint, log_at),
-                                   mount.queue.expedite)
+                                   mount.queue.retry_now)
                 await trio.sleep(0)
                 _write_pid(plan.mountpoint)
                 _report(ready_fd, "ready")
@@ -358,6 +358,8 @@ def build(backend: Backend, cache_dir: str, opts: MountOptions, notify: Notify) 
                          dir_cache_time=opts.dir_cache_time, readahead_blocks=opts.readahead,
                          file_mode=opts.file_mode, dir_mode=opts.dir_mode),
               intents_dir=os.path.join(cache_dir, "intents"), notify=notify)
+    # Uploads that failed while the store was away go again as soon as it answers.
+    backend.watch_reachability(lambda up: queue.retry_now() if up else None)
     return Mount(queue, cache, uploader, vfs)
 
 

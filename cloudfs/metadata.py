@@ -25,7 +25,7 @@ import trio
 
 from cloudfs import layout
 from cloudfs.backends import Backend, ObjectInfo
-from cloudfs.backends.errors import NotFound
+from cloudfs.backends.errors import NotFound, Transient, one_error
 from cloudfs.cache.block_cache import BlockCache
 from cloudfs.cache.file import Remote
 from cloudfs.layout import Attrs
@@ -84,6 +84,20 @@ class Metadata:
             return False
         return time.monotonic() - inode.refreshed < self.opts.attr_timeout
 
+    def listed_without(self, path: str) -> bool:
+        """Whether the last complete listing of the parent, however old, lacks ``path``."""
+        known = self.listed.get(parent_of(path))
+        return known is not None and path.rpartition("/")[2] not in known[1]
+
+    def last_listing(self, path: str) -> list[Inode] | None:
+        """The folder's last complete listing, however old, if every entry in it is still
+        known (the kernel may have made us forget some)."""
+        known = self.listed.get(path)
+        if known is None:
+            return None
+        found = [self.table.get(join(path, name)) for name in sorted(known[1])]
+        return None if any(inode is None for inode in found) else found  # type: ignore[return-value]
+
     def known_absent(self, path: str) -> bool:
         now = time.monotonic()
         if self.negative.get(path, 0.0) > now:
@@ -124,7 +138,15 @@ class Metadata:
             return inode
         if inode is None and self.known_absent(path):
             return None
-        found = await self.resolve(path, inode)
+        try:
+            found = await self.resolve(path, inode)
+        except Transient:
+            # The store does not answer: what we knew stands (offline, see docs/semantics.md).
+            if inode is not None:
+                return inode
+            if self.listed_without(path):
+                return None
+            raise
         if found is None:
             self.negative[path] = time.monotonic() + self.opts.attr_timeout
             self.cache.absent(path)
@@ -147,6 +169,10 @@ class Metadata:
             info = await self.backend.head(path)
         except NotFound:
             return await self.lookup(path) if inode is not None else None
+        except Transient:
+            # Offline: create on what we know.  Should another tool have made the name
+            # meanwhile, the upload finds its object and keeps both (a conflict copy).
+            return inode
         if self._is_folder_blob(info) or self.decode(info, is_dir=False).is_dir:
             return await self.resolve(path, inode)
         return self.remember_file(path, info)
@@ -182,13 +208,14 @@ class Metadata:
             await head(path)
             if path in found and not self._is_folder_blob(found[path]):
                 return self.remember_file(path, found[path])
-        async with trio.open_nursery() as n:
-            # The object, the folder marker (with its attributes; blobfuse2's folder blobs are
-            # found this way too) and whether anything lies below: requests in parallel.
-            if path not in found:
-                n.start_soon(head, path)
-            n.start_soon(head, path + "/")
-            n.start_soon(below)
+        # The object, the folder marker (with its attributes; blobfuse2's folder blobs are
+        # found this way too) and whether anything lies below: requests in parallel.
+        with one_error():
+            async with trio.open_nursery() as n:
+                if path not in found:
+                    n.start_soon(head, path)
+                n.start_soon(head, path + "/")
+                n.start_soon(below)
         info = found.get(path)
         if info is not None and not self._is_folder_blob(info):
             if not self.decode(info, is_dir=False).is_dir:
@@ -270,9 +297,10 @@ class Metadata:
                     except NotFound:
                         pass
 
-            async with trio.open_nursery() as n:
-                for o in need_head:
-                    n.start_soon(head, o.key)
+            with one_error():
+                async with trio.open_nursery() as n:
+                    for o in need_head:
+                        n.start_soon(head, o.key)
         entries: list[Inode] = []
         for o in page.objects:
             if o.key == prefix or not o.key.startswith(prefix) or o.key.endswith("/"):

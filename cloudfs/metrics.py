@@ -61,6 +61,8 @@ class MountCollector(Collector):
                                 value=self.cache.dirty_bytes)
         yield GaugeMetricFamily("cloudfs_queued_files", "Files with changes not uploaded yet",
                                 value=len(pending))
+        yield GaugeMetricFamily("cloudfs_offline", "1 while the store does not answer (serving the cache)",
+                                value=0 if self.backend.offline_since is None else 1)
         yield GaugeMetricFamily("cloudfs_failing_files", "Queued files whose last upload attempt failed",
                                 value=sum(1 for f in pending if f.fid in self.queue.errors))
 

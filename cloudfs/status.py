@@ -2,7 +2,8 @@
 
 The daemon answers on a private Unix socket beside its pid file (0600 in a 0700 run
 directory).  A client sends one command line, ``status`` or ``sync`` (upload every pending
-file now, without waiting for the write-back delay), and gets one JSON document back:
+file now: no write-back delay, no backoff, last errors forgotten), and gets one JSON
+document back:
 backend requests by operation, cache use, pending uploads and recent upload errors.  No
 secrets are in it.
 """
@@ -13,6 +14,7 @@ import contextlib
 import json
 import os
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +38,7 @@ def snapshot(backend: Backend, cache: BlockCache, uploader: Uploader, queue: Wri
         "backend": backend.describe(),
         "pid": os.getpid(),
         "log": log,  # None: the daemon logs to its stderr (--foreground)
+        "offline_since": backend.offline_since,  # epoch seconds; None while the store answers
         "requests": dict(backend.requests),
         "cache": {
             "dir": cache.dir,
@@ -116,6 +119,8 @@ def render(st: dict[str, Any]) -> str:
     lines = [
         f"{st['mountpoint']}: {st['backend']} (pid {st['pid']})",
         f"cache directory: {c['dir']}" + (f", log: {st['log']}" if st.get("log") else ""),
+        "store: " + ("answers" if st.get("offline_since") is None else "offline since "
+                     + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st["offline_since"]))),
         f"cache: {c['used_bytes'] / mib:.0f} of {c['max_bytes'] / mib:.0f} MiB used, "
         f"{c['dirty_bytes'] / mib:.0f} MiB not uploaded, {c['hits']} hits, {c['fetches']} fetches, "
         f"{c['evictions']} evictions",

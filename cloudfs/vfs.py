@@ -30,7 +30,7 @@ import trio
 
 from cloudfs import layout
 from cloudfs.backends import Backend, Payload
-from cloudfs.backends.errors import BackendError, NotFound
+from cloudfs.backends.errors import BackendError, NotFound, Transient
 from cloudfs.cache.block_cache import BlockCache
 from cloudfs.cache.file import File
 from cloudfs.cache.uploader import Uploader
@@ -336,7 +336,16 @@ class VFS:
             handle.add("..", self.table.get(parent_of(path)) or self.table.root)
             for child in self.meta.local_children(path):
                 handle.add(child.path.rpartition("/")[2], child)
-        page = await self.meta.list_page(path, handle.token)
+        try:
+            page = await self.meta.list_page(path, handle.token)
+        except Transient:
+            last = self.meta.last_listing(path) if handle.token is None else None
+            if last is None:
+                raise
+            for inode in last:  # the store does not answer: the last complete listing stands
+                handle.add(inode.path.rpartition("/")[2], inode)
+            handle.done = True
+            return True
         for inode in page.entries:
             handle.add(inode.path.rpartition("/")[2], inode)
         handle.token = page.token

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import json
 import os
 import signal
 import stat
@@ -180,6 +181,43 @@ def test_hung_store_fails_with_eio_and_one_clear_line(moto, tmp_path: Path) -> N
             assert "Traceback" not in log and "TooSlowError" not in log
         finally:
             m.kill()
+
+
+def test_offline_the_cache_keeps_serving_and_changes_go_up_when_the_store_is_back(
+        moto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _proc, target = moto
+    upstream = int(target.env["AWS_ENDPOINT_URL_S3"].rsplit(":", 1)[1])
+    target.sdk.put_object(Bucket="faults", Key="d/remote", Body=b"never read here")
+    with FlakyProxy(upstream, fail_every=10**9) as proxy:
+        via = Target("s3", target.url, env={**target.env,
+                                            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.port}"})
+        m = Mount(via, tmp_path / "mnt", tmp_path / "cache", {"retries": "2"})
+        m.start()
+        try:
+            (m.path / "d" / "cached").write_bytes(b"read while offline")
+            assert cli("sync", str(m.path)).returncode == 0
+            assert sorted(os.listdir(m.path / "d")) == ["cached", "remote"]
+            assert (m.path / "d" / "remote").stat().st_size == 15
+            proxy.down()
+            time.sleep(1.5)  # attr_timeout=1: every cached answer is stale now
+            assert (m.path / "d" / "cached").read_bytes() == b"read while offline"
+            assert sorted(os.listdir(m.path / "d")) == ["cached", "remote"]
+            with pytest.raises(OSError) as exc:
+                (m.path / "d" / "remote").read_bytes()  # not cached: fails, and at once
+            assert exc.value.errno == errno.EIO
+            (m.path / "d" / "new").write_bytes(b"written while offline")
+            with open(m.path / "d" / "cached", "ab") as f:
+                f.write(b", appended")
+            st = json.loads(cli("status", "--json", str(m.path)).stdout)
+            assert st["offline_since"] is not None and st["uploads"]["pending_files"] == 2
+            proxy.up()
+            assert cli("sync", str(m.path)).returncode == 0
+            st = json.loads(cli("status", "--json", str(m.path)).stdout)
+            assert st["offline_since"] is None and st["uploads"]["pending_files"] == 0
+        finally:
+            m.cleanup()
+    got = {k: target.sdk.get_object(Bucket="faults", Key=k)["Body"].read() for k in ("d/new", "d/cached")}
+    assert got == {"d/new": b"written while offline", "d/cached": b"read while offline, appended"}
 
 
 def test_umount_reports_what_could_not_be_uploaded(moto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

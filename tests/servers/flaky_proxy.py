@@ -2,7 +2,8 @@
 
 Every ``fail_every``-th request is answered with 503 SlowDown (what S3 sends when it
 throttles); the rest are forwarded unchanged to the upstream server.  After ``hang()``,
-requests are accepted and never answered (a hung store) until the proxy closes.
+requests are accepted and never answered (a hung store) until the proxy closes; between
+``down()`` and ``up()`` each connection is dropped without an answer (a store gone away).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ class FlakyProxy:
         self.failed = 0
         self.hung = 0
         self._hang = threading.Event()
+        self._down = threading.Event()
+        self.dropped = 0
         self._closing = threading.Event()
         proxy = self
 
@@ -35,6 +38,10 @@ class FlakyProxy:
 
             def _handle(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy._down.is_set():
+                    proxy.dropped += 1
+                    self.close_connection = True
+                    return
                 if proxy._hang.is_set():
                     proxy.hung += 1
                     proxy._closing.wait(120)
@@ -59,7 +66,9 @@ class FlakyProxy:
                 for k, v in resp.getheaders():
                     if k.lower() not in ("content-length", "transfer-encoding", "connection"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                # A HEAD answer has no body: its Content-Length is the object's size.
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
@@ -72,6 +81,12 @@ class FlakyProxy:
 
     def hang(self) -> None:
         self._hang.set()
+
+    def down(self) -> None:
+        self._down.set()
+
+    def up(self) -> None:
+        self._down.clear()
 
     def __enter__(self) -> FlakyProxy:
         self._thread.start()

@@ -40,7 +40,7 @@ import trio
 
 from cloudfs.backends import Backend, PartInfo, Payload
 from cloudfs.backends.base import Segment
-from cloudfs.backends.errors import BackendError, NotFound, single_error
+from cloudfs.backends.errors import BackendError, NotFound, one_error
 from cloudfs.layout import metadata_size
 
 from .block_cache import UPLOAD_KEY, BlockCache, Snapshot, carries
@@ -311,7 +311,7 @@ class Uploader:
 
     async def _send_multipart(self, file: File, snap: Snapshot, upload: OpenUpload) -> str:
         parts: list[PartInfo] = []
-        try:
+        with one_error():
             async with trio.open_nursery() as nursery:
                 for number, start in enumerate(range(0, snap.size, upload.part_size), 1):
                     length = min(upload.part_size, snap.size - start)
@@ -321,8 +321,6 @@ class Uploader:
                         parts.append(PartInfo(number, staged.etag))
                         continue
                     nursery.start_soon(self._send_part, file, snap, upload, number, start, length, parts)
-        except BaseExceptionGroup as group:
-            raise single_error(group) from None
         etag = await self.backend.mpu_complete(snap.key, upload.upload_id, parts)
         if {k: v for k, v in upload.metadata.items() if k != UPLOAD_KEY} != snap.metadata:
             # Attributes changed after the upload was opened (a chmod while it streamed).
@@ -407,7 +405,7 @@ class Uploader:
     async def stage(self, file: File) -> bool:
         """Send the whole parts a large file being written has filled, keeping its multipart
         upload open (see the module doc).  True if it sent any."""
-        sent = False
+        sent: list[int] = []
         async with self._rounds(id(file)):
             if file.status is not Status.DIRTY or file.holds or file.fid is None:
                 return False
@@ -423,23 +421,30 @@ class Uploader:
                     return False
                 meta = self._tagged(file, self.cache.metadata(file))
                 upload = await self._open_upload(file, file.key, part_size, meta)
-            for number in full:
-                start = (number - 1) * part_size
-                if not self._fillable(file, number, part_size) or file.open_upload is not upload:
-                    continue
-                gens = {b: file.dirty[b] for b in self._blocks(start, part_size)}
-                snap = Snapshot(file.key, file.size, file.gen, gens, None, 0, {}, True)
-                payload = await self._payload(file, snap, start, part_size)
-                try:
-                    async with self.part_slots:
-                        info = await self.backend.mpu_part(file.key, upload.upload_id, number, payload)
-                finally:
-                    payload.close()
-                self.sent_bytes += part_size
-                if file.open_upload is upload and not file.unlinked:
-                    self.cache.staged_part(file, StagedPart(number, info.etag, start, part_size), gens)
-                    sent = True
-        return sent
+            with one_error():
+                async with trio.open_nursery() as nursery:
+                    for number in full:
+                        nursery.start_soon(self._stage_part, file, upload, number, sent)
+        return bool(sent)
+
+    async def _stage_part(self, file: File, upload: OpenUpload, number: int, sent: list[int]) -> None:
+        """One whole part of ``stage``: its blocks not rewritten meanwhile become clean."""
+        part_size = upload.part_size
+        start = (number - 1) * part_size
+        async with self.part_slots:
+            if not self._fillable(file, number, part_size) or file.open_upload is not upload:
+                return
+            gens = {b: file.dirty[b] for b in self._blocks(start, part_size)}
+            snap = Snapshot(file.key, file.size, file.gen, gens, None, 0, {}, True)
+            payload = await self._payload(file, snap, start, part_size)
+            try:
+                info = await self.backend.mpu_part(file.key, upload.upload_id, number, payload)
+            finally:
+                payload.close()
+        self.sent_bytes += part_size
+        if file.open_upload is upload and not file.unlinked:
+            self.cache.staged_part(file, StagedPart(number, info.etag, start, part_size), gens)
+            sent.append(number)
 
     def _fillable(self, file: File, number: int, part_size: int) -> bool:
         start = (number - 1) * part_size

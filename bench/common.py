@@ -296,6 +296,7 @@ class Cloudfs(Tool):
     def __init__(self, *args: Any, options: dict[str, str] | None = None) -> None:
         super().__init__(*args)
         self.options = {"cache_dir": str(self.cache), "log_file": str(self.log), **(options or {})}
+        self.requests: dict[str, int] = {}
 
     def option_text(self) -> str:
         return ",".join(f"{k}={v}" if v else k for k, v in self.options.items())
@@ -320,9 +321,29 @@ class Cloudfs(Tool):
         self._wait_mounted()
         self.mount_count += 1
 
+    def status(self) -> dict[str, Any] | None:
+        """The daemon's own report (`cloudfs status --json`), None if it does not answer."""
+        with contextlib.suppress(Exception):
+            from cloudfs import status
+            from cloudfs.daemon import pid_file
+
+            return status.query(status.socket_path(pid_file(str(self.mnt))))
+        return None
+
+    def take_requests(self) -> dict[str, int]:
+        """Backend requests by operation since the last call, summed over the mounts in between."""
+        got, self.requests = self.requests, {}
+        return dict(sorted(got.items()))
+
+    def _count_requests(self) -> None:
+        st = self.status()
+        for op, n in (st or {}).get("requests", {}).items():
+            self.requests[op] = self.requests.get(op, 0) + n
+
     def unmount(self, timeout: float = 600) -> float:
         t0 = time.monotonic()
         if mounted(self.mnt):
+            self._count_requests()
             out = subprocess.run([CLOUDFS, "umount", str(self.mnt)], env=self.env(), capture_output=True,
                                  text=True, timeout=timeout)
             if out.returncode:

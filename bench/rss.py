@@ -130,6 +130,8 @@ def up(fs: Cloudfs, srv: Server, bucket: str, src: Path, size: int, timeout: flo
             return -1
 
     out: dict[str, Any] = {}
+    timeline: list[dict[str, Any]] = []
+    next_status = 0.0
     with RssSampler(fs.pid, 0.2) as rss, DirSampler(fs.cache) as cache:
         t0 = time.monotonic()
         thread = threading.Thread(target=writer, daemon=True)
@@ -138,6 +140,15 @@ def up(fs: Cloudfs, srv: Server, bucket: str, src: Path, size: int, timeout: flo
         while time.monotonic() < deadline:
             if failure:
                 raise failure[0]
+            if time.monotonic() >= next_status:
+                # What the daemon did so far: bytes written, dirty, sent, and its requests.
+                next_status = time.monotonic() + 2.0
+                st = fs.status()
+                if st:
+                    timeline.append({"t": round(time.monotonic() - t0, 1), "written_mib": progress[0] // MiB,
+                                     "closed": bool(t_write), "dirty_mib": st["cache"]["dirty_bytes"] // MiB,
+                                     "sent_mib": st["uploads"]["uploaded_bytes"] // MiB,
+                                     "requests": st["requests"]})
             if t_write and server_size() == size:
                 break
             time.sleep(0.5)
@@ -148,6 +159,7 @@ def up(fs: Cloudfs, srv: Server, bucket: str, src: Path, size: int, timeout: flo
             log = fs.log_tail(100_000).splitlines()
             out["cache_full_log_lines"] = sum("cache full" in line for line in log)
             rss.sample()
+            fs._count_requests()
             if fs.pid:
                 os.kill(fs.pid, signal.SIGKILL)  # the writer is stuck in write(2); nothing else frees it
             fs.kill()
@@ -158,7 +170,7 @@ def up(fs: Cloudfs, srv: Server, bucket: str, src: Path, size: int, timeout: flo
                    durable_MiBps=round(size / MiB / elapsed, 1))
         fs.unmount(timeout=timeout)
     out.update(peak_rss_mib=rss.peak_mib, cache_dir_peak_mib=round(cache.peak / MiB),
-               samples=len(rss.samples))
+               samples=len(rss.samples), requests=fs.take_requests(), timeline=timeline)
     return out
 
 
@@ -204,7 +216,7 @@ def main() -> int:
 
         fs.mount(clean=True)
         res["up"] = up(fs, srv, bucket, src, size, args.timeout)
-        print(f"up: {res['up']}", flush=True)
+        print(f"up: { {k: v for k, v in res['up'].items() if k != 'timeline'} }", flush=True)
         if "stalled" in res["up"]:
             from boto3.s3.transfer import TransferConfig
 
@@ -220,7 +232,7 @@ def main() -> int:
         fs.unmount(timeout=args.timeout)
         res["down"] = {"read_s": round(t_read, 1), "MiBps": round(size / MiB / t_read, 1),
                        "peak_rss_mib": rss.peak_mib, "cache_dir_peak_mib": round(cache.peak / MiB),
-                       "samples": len(rss.samples)}
+                       "samples": len(rss.samples), "requests": fs.take_requests()}
         print(f"down: {res['down']}", flush=True)
         back.unlink()
         res["log_warnings"] = [line for line in fs.log_tail(400).splitlines()
@@ -273,6 +285,18 @@ def render(res: dict[str, Any], cache_size: int) -> str:
         d = res["down"]
         lines.append(f"| mount -> local, cold cache | {d['read_s']} s | {d['MiBps']} MiB/s | "
                      f"{d['peak_rss_mib']} MiB | {d['cache_dir_peak_mib']} MiB |")
+    for direction in ("up", "down"):
+        reqs = res.get(direction, {}).get("requests")
+        if reqs:
+            lines += ["",
+                      f"cloudfs requests, {direction}: " + ", ".join(f"{op} {n:,}" for op, n in reqs.items())]
+    commits = [p for p in res.get("up", {}).get("timeline", [])
+               if not p["closed"] and p["requests"].get("mpu_complete")]
+    if commits:
+        first = commits[0]
+        lines += ["", f"First multipart upload completed while the file was still being written: by "
+                  f"{first['t']} s, at {first['written_mib']} MiB written "
+                  f"(timeline in the JSON file)."]
     return "\n".join(lines) + "\n"
 
 

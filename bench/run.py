@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     ROOT,
     TOOLS,
+    Cloudfs,
     MiB,
     Pattern,
     RssSampler,
@@ -468,6 +469,10 @@ def render(res: dict[str, Any]) -> str:
     for wl in res["workloads"]:
         lines.append(f"| {wl} | " + " | ".join(fmt(R.get(t, {}).get(wl, {}).get("rss_mib")) for t in tools)
                      + " |")
+    reqs = {wl: w["requests"] for wl, w in R.get("cloudfs", {}).items() if w.get("requests")}
+    if reqs:
+        lines += ["", "cloudfs backend requests per workload (the daemon's own count, `cloudfs status`):", ""]
+        lines += [f"- {wl}: " + ", ".join(f"{op} {n:,}" for op, n in r.items()) for wl, r in reqs.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -544,6 +549,8 @@ def main(argv: list[str] | None = None) -> int:
                            "log_tail": tool.log_tail(60)}
                     log(f"{name}: {wl} FAILED: {exc}")
                     tool.kill()
+                if isinstance(tool, Cloudfs):
+                    out["requests"] = tool.take_requests()  # counted by the daemon before each unmount
                 out["wall_s"] = round(time.monotonic() - t0, 1)
                 res["results"][name][wl] = out
                 log(f"{name}: {wl}: {json.dumps({k: v for k, v in out.items() if k != 'traceback'})[:600]}")

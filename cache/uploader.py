@@ -77,21 +77,19 @@ class Uploader:
         self._on_conflict = on_conflict
         self._on_uploaded = on_uploaded
         self._rounds = MultiLock()
-        self._stage_wanted = trio.Event()
         self.sent_bytes = 0  # bytes sent in PUTs and parts (copies server-side not counted)
 
     # ------------------------------------------------------------------ running
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The write-back queue, and staging under cache pressure, until cancelled."""
+        """The write-back queue (which also stages files under cache pressure), until cancelled."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.queue.run, self._store)
-            nursery.start_soon(self._stage_loop)
             task_status.started()
 
     def pressure(self) -> None:
-        """Writers wait for cache space: upload everything now, and stage big files."""
+        """Writers wait for cache space: upload everything now (a file still open stages
+        its whole parts instead, see ``_store``)."""
         self.queue.expedite()
-        self._stage_wanted.set()
 
     async def _store(self, fid: str) -> float | None:
         file = self.cache.files.get(fid)
@@ -99,6 +97,12 @@ class Uploader:
             return None
         if file.holds:
             return 0.2  # a directory rename is moving it
+        if file.opens and self.cache.waiting and await self.stage(file):
+            # Still being written, its writer waiting for space: whole parts went up and
+            # the multipart upload stays open.  Completing it now would make every later
+            # round copy all earlier parts again (quadratic); the round comes once the
+            # writes settle.
+            return self.queue.delay
         await self.upload(file)
         return None
 
@@ -370,32 +374,23 @@ class Uploader:
         return Payload.from_segments(segments)
 
     # ------------------------------------------------------------------ staging
-    async def _stage_loop(self) -> None:
-        while True:
-            await self._stage_wanted.wait()
-            self._stage_wanted = trio.Event()
-            for file in self.cache.pending_files():
-                try:
-                    await self.stage(file)
-                except BackendError as exc:
-                    log.warning("%s: could not send parts early: %s", file.key, exc)
-
-    async def stage(self, file: File) -> None:
+    async def stage(self, file: File) -> int:
         """Send the whole parts a large file being written has filled, keeping its multipart
-        upload open (see the module doc)."""
+        upload open (see the module doc).  Returns how many parts went up."""
+        sent = 0
         async with self._rounds(id(file)):
             if file.status is not Status.DIRTY or file.holds or file.fid is None:
-                return
+                return 0
             upload = file.open_upload
             part_size = upload.part_size if upload is not None else self._part_size(file.size, streaming=True)
             full = [n for n in range(1, file.size // part_size)  # never the last, growing part
                     if self._fillable(file, n, part_size)]
             if not full:
-                return
+                return 0
             if upload is None:
                 await self._check_remote(file)
                 if file.status is not Status.DIRTY or file.open_upload is not None:
-                    return
+                    return 0
                 meta = self._tagged(file, self.cache.metadata(file))
                 upload = await self._open_upload(file, file.key, part_size, meta)
             for number in full:
@@ -411,8 +406,10 @@ class Uploader:
                 finally:
                     payload.close()
                 self.sent_bytes += part_size
+                sent += 1
                 if file.open_upload is upload and not file.unlinked:
                     self.cache.staged_part(file, StagedPart(number, info.etag, start, part_size), gens)
+        return sent
 
     def _fillable(self, file: File, number: int, part_size: int) -> bool:
         start = (number - 1) * part_size

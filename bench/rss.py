@@ -14,7 +14,6 @@ bench/results/rss-<stamp>.json and the generated rss section of docs/benchmarks.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -46,40 +45,10 @@ from common import (
     tool_versions,
 )
 
+from tests.mounting import DirSampler  # after common, which puts the repository on sys.path
+
 TARGET_MIB = 300
 DOC = ROOT / "docs" / "benchmarks.md"
-
-
-def dir_bytes(path: Path) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-    return total
-
-
-class DirSampler:
-    """Peak allocated size of the cache directory, sampled every second."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, dir_bytes(self.path))
-            self._stop.wait(1.0)
-
-    def __enter__(self) -> DirSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def copy(src: Path, dst: Path, size: int, pattern: Pattern | None,

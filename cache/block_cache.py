@@ -120,6 +120,7 @@ class BlockCache:
         self.min_free = min_free
         self.readahead_blocks = readahead_blocks
         self.stall_timeout = stall_timeout
+        self.waiting = 0  # writers waiting for cache space right now
         self.store_identity = store_identity or backend.describe()
         self._on_dirty = on_dirty
         self._on_pressure = on_pressure
@@ -515,9 +516,13 @@ class BlockCache:
         Back-pressure, not a hang: if nothing frees space for ``stall_timeout`` seconds
         (uploads keep failing, e.g. the store is unreachable), the writer gets ENOSPC.
         """
-        self._on_pressure()
-        with trio.move_on_after(self.stall_timeout) as scope:
-            await self._changed.wait()
+        self.waiting += 1
+        try:
+            self._on_pressure()
+            with trio.move_on_after(self.stall_timeout) as scope:
+                await self._changed.wait()
+        finally:
+            self.waiting -= 1
         if scope.cancelled_caught:
             raise OSError(errno.ENOSPC, f"cache full and no upload finished in {self.stall_timeout:.0f}s")
 

@@ -77,22 +77,20 @@ class Uploader:
         self._on_conflict = on_conflict
         self._on_uploaded = on_uploaded
         self._rounds = MultiLock()
-        self._stage_wanted = trio.Event()
         self._ours: set[str] = set()  # ids of the multipart uploads this process created or resumed
         self.sent_bytes = 0  # bytes sent in PUTs and parts (copies server-side not counted)
 
     # ------------------------------------------------------------------ running
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The write-back queue, and staging under cache pressure, until cancelled."""
+        """The write-back queue (which also stages files under cache pressure), until cancelled."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.queue.run, self._store)
-            nursery.start_soon(self._stage_loop)
             task_status.started()
 
     def pressure(self) -> None:
-        """Writers wait for cache space: upload everything now, and stage big files."""
+        """Writers wait for cache space: upload everything now (a file still open stages
+        its whole parts instead, see ``_store``)."""
         self.queue.expedite()
-        self._stage_wanted.set()
 
     async def _store(self, fid: str) -> float | None:
         file = self.cache.files.get(fid)
@@ -101,13 +99,15 @@ class Uploader:
         if file.holds:
             return 0.2  # a directory rename is moving it
         settles_in = file.last_change + self.queue.delay - time.monotonic()
-        if settles_in > 0:
-            # Due early (cache pressure) while still being written: send whole parts.  If
-            # that keeps the file's dirty data within a part, completing the upload now would
-            # only make the next round copy every part again; it completes once it settles.
-            await self.stage(file)
-            if self._streaming(file):
-                return settles_in
+        if settles_in > 0 or (file.opens and (self.cache.waiting or file.open_upload is not None)):
+            # Still being written: it changed within the write-back delay, or it is open and
+            # its writer may be the one waiting for cache space, or it streams out through an
+            # open upload.  Send whole parts.  If some went (room was made), or the file's
+            # dirty data can grow into its next part, completing the upload now would only
+            # make the next round copy every part again; it completes once it is closed and
+            # settles (or is flushed).
+            if await self.stage(file) or self._streaming(file):
+                return max(settles_in, self.queue.delay)
         await self.upload(file)
         return None
 
@@ -362,10 +362,11 @@ class Uploader:
     async def _payload(self, file: File, snap: Snapshot, start: int, length: int) -> Payload:
         """Bytes [start, start+length) of the snapshot, as segments of open block files.
 
-        A block that is not here is fetched into the cache first (it counts against the
-        cache size like any other), unless the snapshot has no base (zeros).  Each block
-        file is opened right after it is made present, with no await in between, so an
-        eviction later cannot take its bytes away.
+        Each block file is opened with no await since the check that it is present, so an
+        eviction later cannot take its bytes away.  A block that is not here is read from
+        the stored version into memory, not into the cache: the cache may be full of this
+        very file's dirty blocks, which only this upload can make clean.  Past the stored
+        version (or with none) it is zeros.
         """
         bs = self.cache.block_size
         segments: list[Segment] = []
@@ -374,15 +375,10 @@ class Uploader:
             while pos < start + length:
                 block, within = divmod(pos, bs)
                 n = min(bs - within, start + length - pos)
-                if block not in file.present and snap.base is not None and pos < snap.fetch_limit:
-                    try:
-                        await self.cache.ensure_block(file, block)
-                    except BackendError as exc:
-                        log.error("%s: bytes %d-%d of the previous version could not be read (%s); "
-                                  "they are zeros in the upload", snap.key, pos, pos + n, exc)
-                        self.cache.stats["lost_bytes"] += n
                 if block in file.present:
                     segments.append(Segment(_open_ro(file.block_path(block)), within, n))
+                elif snap.base is not None and pos < snap.fetch_limit:
+                    segments.append(await self._stored_range(snap, pos, n))
                 else:
                     segments.append(Segment(None, 0, n))
                 pos += n
@@ -391,17 +387,27 @@ class Uploader:
             raise
         return Payload.from_segments(segments)
 
-    # ------------------------------------------------------------------ staging
-    async def _stage_loop(self) -> None:
-        while True:
-            await self._stage_wanted.wait()
-            self._stage_wanted = trio.Event()
-            for file in self.cache.pending_files():
-                try:
-                    await self.stage(file)
-                except BackendError as exc:
-                    log.warning("%s: could not send parts early: %s", file.key, exc)
+    async def _stored_range(self, snap: Snapshot, pos: int, n: int) -> Segment:
+        """``n`` bytes at ``pos`` of the snapshot's stored version, in an anonymous memory
+        file (zeros past that version's end, or if it cannot be read: counted as lost)."""
+        assert snap.base is not None
+        fd = os.memfd_create("cloudfs-upload", os.MFD_CLOEXEC)
+        try:
+            with os.fdopen(os.dup(fd), "wb") as f:
+                await self.backend.download(snap.key, f, pos, min(n, snap.fetch_limit - pos),
+                                            if_match=snap.base.etag)
+        except BackendError as exc:
+            os.close(fd)
+            log.error("%s: bytes %d-%d of the previous version could not be read (%s); they are "
+                      "zeros in the upload", snap.key, pos, pos + n, exc)
+            self.cache.stats["lost_bytes"] += n
+            return Segment(None, 0, n)
+        except BaseException:
+            os.close(fd)
+            raise
+        return Segment(fd, 0, n)
 
+    # ------------------------------------------------------------------ staging
     async def stage(self, file: File) -> bool:
         """Send the whole parts a large file being written has filled, keeping its multipart
         upload open (see the module doc).  True if it sent any."""

@@ -292,7 +292,7 @@ def _serve(plan: MountPlan, ready_fd: int | None, detach: bool) -> int:
             log.error("%d file(s) could not be uploaded; they stay in %s and are uploaded on the "
                       "next mount", len(failed), plan.cache_dir)
             state["code"] = 1
-        _write_result(plan.mountpoint, failed, plan.cache_dir)
+        _write_result(plan.mountpoint, failed, plan.cache_dir, cache.stats["lost_bytes"])
         cache.close()
         plan.backend.close()
 
@@ -375,9 +375,12 @@ def result_file(mountpoint: str) -> str:
     return pid_file(mountpoint).removesuffix(".pid") + ".result"
 
 
-def _write_result(mountpoint: str, failed: list[File], cache_dir: str) -> None:
-    """What the unmount left behind, for ``cloudfs umount`` to report."""
-    result = {"files": len(failed), "bytes": sum(f.size for f in failed), "cache_dir": cache_dir}
+def _write_result(mountpoint: str, failed: list[File], cache_dir: str, lost_bytes: int) -> None:
+    """What the unmount left behind, and what this mount could not recover (bytes of a stored
+    version that was deleted or replaced elsewhere before they were cached here), for
+    ``cloudfs umount`` to report."""
+    result = {"files": len(failed), "bytes": sum(f.size for f in failed), "cache_dir": cache_dir,
+              "lost_bytes": lost_bytes}
     with contextlib.suppress(OSError), open(result_file(mountpoint), "w") as f:
         json.dump(result, f)
 
@@ -455,7 +458,8 @@ def unmount(mountpoint: str, timeout: float = 3600.0, lazy: bool = False) -> Non
 
 
 def _check_result(mountpoint: str) -> None:
-    """The daemon's last word: files it could not upload stay in the cache directory."""
+    """The daemon's last word: files it could not upload stay in the cache directory; bytes it
+    could not recover are zeros on the store.  Either exits 1."""
     try:
         with open(result_file(mountpoint)) as f:
             result = json.load(f)
@@ -465,6 +469,10 @@ def _check_result(mountpoint: str) -> None:
     if result.get("files"):
         raise MountError(f"{result['files']} file(s), {result['bytes']} bytes could not be uploaded; "
                          f"they stay in {result['cache_dir']} and are uploaded on the next mount", 1)
+    if result.get("lost_bytes"):
+        raise MountError(f"{result['lost_bytes']} bytes of files changed here were lost: their stored "
+                         f"version was deleted or replaced elsewhere before they were cached, and they "
+                         f"are zeros in the upload (see {result['cache_dir']}/cloudfs.log)", 1)
 
 
 def _syncfs(mountpoint: str) -> None:

@@ -91,12 +91,23 @@ class Metadata:
 
     def last_listing(self, path: str) -> list[Inode] | None:
         """The folder's last complete listing, however old, if every entry in it is still
-        known (the kernel may have made us forget some)."""
+        known."""
         known = self.listed.get(path)
         if known is None:
             return None
-        found = [self.table.get(join(path, name)) for name in sorted(known[1])]
+        found = [self.table.get(join(path, name)) or self._last_known(join(path, name))
+                 for name in sorted(known[1])]
         return None if any(inode is None for inode in found) else found  # type: ignore[return-value]
+
+    def _last_known(self, path: str) -> Inode | None:
+        """An inode for what ``path`` was when last seen, though the kernel made us forget it:
+        a file the cache still has, or a folder that was listed."""
+        file = self.cache.by_key.get(path)
+        if file is not None:
+            return self.table.add(path, file=file)
+        if path in self.listed:
+            return self.remember_dir(path, None)
+        return None
 
     def known_absent(self, path: str) -> bool:
         now = time.monotonic()
@@ -142,8 +153,9 @@ class Metadata:
             found = await self.resolve(path, inode)
         except Transient:
             # The store does not answer: what we knew stands (offline, see docs/semantics.md).
-            if inode is not None:
-                return inode
+            known = inode or self._last_known(path)
+            if known is not None:
+                return known
             if self.listed_without(path):
                 return None
             raise

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -91,3 +92,37 @@ class Mount:
     def remount(self) -> None:
         self.stop()
         self.start()
+
+
+def dir_bytes(path: Path) -> int:
+    """Disk space allocated to the files below ``path``."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    return total
+
+
+class DirSampler:
+    """Peak allocated size of a directory (a cache directory), sampled every ``interval`` s."""
+
+    def __init__(self, path: Path, interval: float = 1.0) -> None:
+        self.path = path
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, dir_bytes(self.path))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> DirSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -165,7 +165,7 @@ def test_hung_store_fails_with_eio_and_one_clear_line(moto, tmp_path: Path) -> N
     metadata timeout and its retries, and the log says so without a traceback."""
     _proc, target = moto
     upstream = int(target.env["AWS_ENDPOINT_URL_S3"].rsplit(":", 1)[1])
-    with FlakyProxy(upstream, fail_every=10**9) as proxy:
+    with FlakyProxy(upstream, fail_every=0) as proxy:
         hung = Target("s3", target.url, env={**target.env,
                                              "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.port}"})
         m = Mount(hung, tmp_path / "mnt", tmp_path / "cache", {"retries": "2", "metadata_timeout": "2"})
@@ -188,7 +188,7 @@ def test_offline_the_cache_keeps_serving_and_changes_go_up_when_the_store_is_bac
     _proc, target = moto
     upstream = int(target.env["AWS_ENDPOINT_URL_S3"].rsplit(":", 1)[1])
     target.sdk.put_object(Bucket="faults", Key="d/remote", Body=b"never read here")
-    with FlakyProxy(upstream, fail_every=10**9) as proxy:
+    with FlakyProxy(upstream, fail_every=0) as proxy:
         via = Target("s3", target.url, env={**target.env,
                                             "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.port}"})
         m = Mount(via, tmp_path / "mnt", tmp_path / "cache", {"retries": "2"})

@@ -7,10 +7,12 @@ cases with failures that point at a line.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -264,3 +266,124 @@ def test_cache_dir_of_another_store_is_refused(target: Target, tmp_path: Path) -
     first.start()  # the right store gets it
     first.stop()
     assert stored(target, "pending") == b"belongs to the first bucket"
+
+
+def put_other(target: Target, key: str, data: bytes) -> None:
+    """Another tool writes ``key`` on the store."""
+    from cloudfs.backends import Payload
+
+    backend = open_backend(target.url, target.options)
+    try:
+        trio.run(backend.put, key, Payload.from_bytes(data))
+    finally:
+        backend.close()
+
+
+def test_rename_foreign_object_over_open_file(slow: Mount) -> None:
+    """Case 2: ``mv g f`` while f is open and g was made by another tool (no cache entry
+    here): what is written through the old f handle never reaches the renamed-in file."""
+    f = slow.path / "f"
+    f.write_bytes(b"old f " * 100)
+    slow.remount()
+    put_other(slow.target, "g", b"from another tool")
+    with open(f, "r+b") as old:
+        assert old.read(6) == b"old f "
+        os.rename(slow.path / "g", f)
+        old.seek(0)
+        old.write(b"XXXXXX")
+        old.flush()
+        os.fsync(old.fileno())
+        old.seek(0)
+        assert old.read(12) == b"XXXXXXold f "
+        assert f.read_bytes() == b"from another tool"
+    assert f.read_bytes() == b"from another tool"
+    slow.stop()
+    assert stored_keys(slow.target) == ["f"]
+    assert stored(slow.target, "f") == b"from another tool"
+
+
+def test_cache_dir_reused_with_another_block_size(target: Target, tmp_path: Path) -> None:
+    """Case 4: the recorded block size wins over another ``-o block_size``; a 1-byte edit
+    changes one byte on the store, pending across a crash or not."""
+    data = bytearray(os.urandom(3 * MiB + 12345))
+    m = Mount(target, tmp_path / "mnt", tmp_path / "cache",
+              {"writeback_delay": "1h", "block_size": "1M", "cache_size": "16M"})
+    try:
+        m.start()
+        (m.path / "f").write_bytes(data)
+        m.stop()
+        m.options["block_size"] = "256K"
+        m.start()
+        assert (m.path / "f").read_bytes() == data  # the cached 1M blocks, read right
+        with open(m.path / "f", "r+b") as f:
+            f.seek(MiB + MiB // 2 + 7)
+            f.write(b"!")
+            f.flush()
+            os.fsync(f.fileno())
+        data[MiB + MiB // 2 + 7] = ord("!")
+        m.kill()
+        m.options["block_size"] = "2M"
+        m.start()
+        assert (m.path / "f").read_bytes() == data
+        m.stop()
+        assert stored(target, "f") == data
+    finally:
+        m.cleanup()
+
+
+def test_new_open_sees_a_changed_object_while_another_handle_is_open(slow: Mount) -> None:
+    """Case 14, close-to-open: a new open revalidates with the store even while an older
+    handle is open, and the older handle keeps reading its version."""
+    f = slow.path / "f"
+    f.write_bytes(b"one")
+    slow.remount()
+    with open(f, "rb") as old:
+        assert old.read() == b"one"
+        put_other(slow.target, "f", b"two!")
+        time.sleep(1.5)  # attr_timeout=1 passes: not an assertion on timing
+        with open(f, "rb") as new:
+            assert new.read() == b"two!"
+        old.seek(0)
+        assert old.read() == b"one"
+    assert f.read_bytes() == b"two!"
+
+
+RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
+
+
+def renameat2(src: Path, dst: Path, flags: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd = -100
+    if libc.renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(src))
+
+
+def test_root_attributes_are_refused_or_stored(slow: Mount) -> None:
+    """Case 17: the bucket root has nothing to store attributes in (EPERM); rename flags
+    other than RENAME_NOREPLACE and xattrs of other namespaces are refused."""
+    for call in (lambda: os.chmod(slow.path, 0o700),
+                 lambda: os.chown(slow.path, 1234, 1234),
+                 lambda: os.setxattr(slow.path, "user.note", b"x")):
+        with pytest.raises(OSError) as exc:
+            call()
+        assert exc.value.errno == errno.EPERM
+    a, b = slow.path / "a", slow.path / "b"
+    a.write_bytes(b"x")
+    b.write_bytes(b"y")
+    for flags, dst in ((RENAME_WHITEOUT, slow.path / "c"), (RENAME_EXCHANGE, b), (1 << 7, slow.path / "c")):
+        with pytest.raises(OSError) as exc:
+            renameat2(a, dst, flags)
+        assert exc.value.errno == errno.EINVAL, flags
+    with pytest.raises(OSError) as exc:
+        renameat2(a, b, RENAME_NOREPLACE)
+    assert exc.value.errno == errno.EEXIST
+    renameat2(a, slow.path / "c", RENAME_NOREPLACE)
+    for name in ("trusted.x", "security.x"):
+        with pytest.raises(OSError) as exc:
+            os.removexattr(b, name)
+        assert exc.value.errno == errno.ENOTSUP, name
+    slow.remount()
+    assert sorted(os.listdir(slow.path)) == ["b", "c"]
+    assert stat.S_IMODE(slow.path.stat().st_mode) == 0o755
+    assert stored(slow.target, "c") == b"x"

@@ -1,9 +1,13 @@
 """An HTTP proxy on 127.0.0.1 that fails some requests, for retry tests.
 
 Every ``fail_every``-th request is answered with 503 SlowDown (what S3 sends when it
-throttles); the rest are forwarded unchanged to the upstream server.  After ``hang()``,
-requests are accepted and never answered (a hung store) until the proxy closes; between
-``down()`` and ``up()`` each connection is dropped without an answer (a store gone away).
+throttles; 0: never); the rest are forwarded unchanged to the upstream server.  Every
+request is logged in ``requests`` (method, path with query, headers), and ``before``, if
+set, is called with that entry in the handler's thread before it is forwarded: a test
+can hold a request there (a slow store) until it has done what it wants meanwhile.
+After ``hang()``, requests are accepted and never answered (a hung store) until the proxy
+closes; between ``down()`` and ``up()`` each connection is dropped without an answer (a
+store gone away).
 """
 
 from __future__ import annotations
@@ -11,16 +15,30 @@ from __future__ import annotations
 import http.client
 import itertools
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
             b"<Message>Please reduce your request rate.</Message></Error>")
 
 
+@dataclass
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers.items() if k.lower() == name.lower()), None)
+
+
 class FlakyProxy:
-    def __init__(self, upstream_port: int, fail_every: int = 3) -> None:
+    def __init__(self, upstream_port: int, fail_every: int = 3,
+                 before: Callable[[Request], None] | None = None) -> None:
         self.upstream_port = upstream_port
         self.fail_every = fail_every
+        self.before = before
         self.counter = itertools.count(1)
         self.failed = 0
         self.hung = 0
@@ -28,6 +46,7 @@ class FlakyProxy:
         self._down = threading.Event()
         self.dropped = 0
         self._closing = threading.Event()
+        self.requests: list[Request] = []
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -47,7 +66,11 @@ class FlakyProxy:
                     proxy._closing.wait(120)
                     self.close_connection = True
                     return
-                if next(proxy.counter) % proxy.fail_every == 0:
+                request = Request(self.command, self.path, dict(self.headers))
+                proxy.requests.append(request)
+                if proxy.before is not None:
+                    proxy.before(request)
+                if proxy.fail_every and next(proxy.counter) % proxy.fail_every == 0:
                     proxy.failed += 1
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")
@@ -62,6 +85,12 @@ class FlakyProxy:
                     data = resp.read()
                 finally:
                     conn.close()
+                try:
+                    self._reply(resp, data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client is gone (a test killed it)
+
+            def _reply(self, resp: http.client.HTTPResponse, data: bytes) -> None:
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
                     if k.lower() not in ("content-length", "transfer-encoding", "connection"):

@@ -27,6 +27,17 @@ class Target:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def require(target: Target, feature: str) -> None:
+    """Skip the calling test where the target's store cannot do ``feature``: each test
+    server module lists what its store cannot do, and why, in ``DIVERGENCES`` (mirrored in
+    docs/semantics.md)."""
+    import pytest
+
+    reason = target.extra.get("divergences", {}).get(feature)
+    if reason:
+        pytest.skip(f"{target.extra.get('server_name', target.backend)}: {reason}")
+
+
 def selected_backends() -> list[str]:
     """CLOUDFS_TEST_BACKENDS=local,s3 narrows a local run; CI runs them all."""
     wanted = os.environ.get("CLOUDFS_TEST_BACKENDS")

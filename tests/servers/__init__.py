@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-BACKENDS = ["local", "s3", "azure", "gcs", "b2", "swift"]
+BACKENDS = ["local", "s3", "seaweed", "azure", "gcs", "b2", "swift"]
 
 
 @dataclass

@@ -1,8 +1,9 @@
-"""A SeaweedFS S3 gateway on 127.0.0.1, for persistence/crash tests and benchmarks.
+"""A SeaweedFS S3 gateway on 127.0.0.1: a conformance target, and for persistence/crash
+tests and benchmarks.
 
 Unlike moto it keeps its data on disk (in the server's workdir), so a ``restart()`` -- or
 a kill and start -- shows whether what cloudfs acknowledged really reached the store.  It
-is not part of the conformance matrix (:data:`tests.servers.BACKENDS`); tests use it
+is in the conformance matrix (:data:`tests.servers.BACKENDS`); tests may also use it
 directly::
 
     with seaweed.Server(tmp_path) as srv:

@@ -587,7 +587,10 @@ class Backend:
         return etag
 
     async def delete_many(self, keys: Iterable[str]) -> None:
-        batch = [self.full_key(k) for k in keys]
+        """Delete ``keys``; every key below a folder goes before the folder's marker (keys in
+        reverse order), so a store that keeps folders as directories finds each one empty
+        when its marker is deleted."""
+        batch = sorted((self.full_key(k) for k in keys), reverse=True)
         for i in range(0, len(batch), 1000):
             await self._call(self._delete_many, batch[i:i + 1000])
 

@@ -76,6 +76,22 @@ def _unquote(etag: str | None) -> str | None:
     return etag.strip('"')
 
 
+def _synthesized_folder(key: str, resp: dict[str, Any]) -> bool:
+    """Whether a HEAD answer for ``key`` describes no stored object but a folder the store
+    made up: SeaweedFS keeps folders as filer directories and answers a HEAD of ``dir/`` for
+    any of them with an ETag of zero parts (``<md5>-0``), which no upload can produce. A
+    ``dir/`` object that was PUT (a folder marker) has a plain ETag."""
+    etag = _unquote(resp.get("ETag")) or ""
+    return key.endswith("/") and int(resp.get("ContentLength", 0)) == 0 and etag.endswith("-0")
+
+
+def _keeps_folders(resp: dict[str, Any]) -> bool:
+    """Whether the store that answered keeps a folder after its last object is deleted
+    (SeaweedFS does: the empty directory then lists as ``dir/``, as if it had a marker)."""
+    headers = (resp.get("ResponseMetadata") or {}).get("HTTPHeaders") or {}
+    return str(headers.get("server", "")).startswith("SeaweedFS")
+
+
 def _quote(etag: str) -> str:
     if etag.startswith(("W/", '"')) or etag == "*":
         return etag
@@ -310,6 +326,8 @@ class S3Backend(Backend):
 
     def _head(self, key: str) -> ObjectInfo:
         resp = self._run(key, self.client.head_object, Bucket=self.bucket, Key=key)
+        if _synthesized_folder(key, resp):
+            raise NotFound(f"s3://{self.bucket}/{key}: no such object (a folder without a marker)")
         lm = resp.get("LastModified")
         return ObjectInfo(key, int(resp.get("ContentLength", 0)), _unquote(resp.get("ETag")),
                           lm.timestamp() if lm else None, dict(resp.get("Metadata") or {}))
@@ -393,10 +411,13 @@ class S3Backend(Backend):
 
     def _delete(self, key: str) -> None:
         try:
-            self._run(key, self.client.delete_object, Bucket=self.bucket, Key=key)
+            resp = self._run(key, self.client.delete_object, Bucket=self.bucket, Key=key)
         except self._botocore_exc.ClientError as exc:
             if self._code(exc) not in ("NoSuchKey", "404"):
                 raise
+            return
+        if _keeps_folders(resp):
+            self._drop_empty_folders([key])
 
     def _delete_many(self, keys: list[str]) -> None:
         if not keys:
@@ -404,6 +425,9 @@ class S3Backend(Backend):
         resp = self._run(None, self.client.delete_objects, Bucket=self.bucket,
                          Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True})
         errors = [e for e in resp.get("Errors", []) or [] if e.get("Code") not in ("NoSuchKey",)]
+        if _keeps_folders(resp):
+            failed = {e.get("Key") for e in errors}
+            self._drop_empty_folders([k for k in keys if k not in failed])
         if not errors:
             return
         first = errors[0]
@@ -418,6 +442,23 @@ class S3Backend(Backend):
             mapped = BackendError(f"s3://{self.bucket}: {len(errors)} of {len(keys)} deletes failed "
                                   f"(first: {key}: {code})")
         raise mapped
+
+    def _drop_empty_folders(self, deleted: list[str]) -> None:
+        """After ``deleted`` are gone, delete the folders above them that the store keeps
+        although nothing is in them and no marker was ever PUT, deepest first, up to (not
+        including) the mount's prefix: on S3 such a folder ends with its last object.
+        Deleting ``dir/`` on such a store removes only an empty directory, never its
+        contents, so an object stored meanwhile keeps its folder."""
+        folders = {k[:i + 1] for k in deleted for i in range(len(self.prefix), len(k) - 1) if k[i] == "/"}
+        for folder in sorted(folders, key=lambda f: (-f.count("/"), f)):
+            try:
+                resp = self._run(folder, self.client.head_object, Bucket=self.bucket, Key=folder)
+            except self._botocore_exc.ClientError as exc:
+                if self._code(exc) in _NOT_FOUND:
+                    continue
+                raise
+            if _synthesized_folder(folder, resp):
+                self._run(folder, self.client.delete_object, Bucket=self.bucket, Key=folder)
 
     def _mpu_create(self, key: str, metadata: dict[str, str]) -> str:
         resp = self._run(key, self.client.create_multipart_upload, Bucket=self.bucket, Key=key,

@@ -140,6 +140,21 @@ def test_delete_many(backend: Backend) -> None:
     assert keys == [] and prefixes == []
 
 
+@pytest.mark.backends("s3", "seaweed")
+def test_folders_after_deletes(backend: Backend) -> None:
+    # A folder without a marker ends with its last object; one with a marker stays, and its
+    # marker goes (in one batch with what is below it) only with everything below it.
+    for key in ("implicit/deep/x", "marked/", "marked/x", "tree/", "tree/sub/", "tree/sub/x", "tree/y"):
+        put(backend, key, b"" if key.endswith("/") else b"x")
+    run(backend.delete, "implicit/deep/x")
+    run(backend.delete_many, ["marked/x", "tree/", "tree/sub/", "tree/sub/x", "tree/y"])
+    assert list_all(backend, "") == ([], ["marked/"])
+    assert list_all(backend, "marked/") == (["marked/"], [])
+    assert list_all(backend, "", None) == (["marked/"], [])
+    with pytest.raises(NotFound):
+        run(backend.head, "implicit/")
+
+
 def test_multipart_upload(backend: Backend, tmp_path: Any) -> None:
     part = max(backend.capabilities.min_part_size, 1024 * 1024)
     data = os.urandom(2 * part + 1234)

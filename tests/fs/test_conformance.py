@@ -22,6 +22,7 @@ import trio
 from cloudfs.backends import open_backend
 from cloudfs.backends.errors import NotFound
 from tests.mounting import Mount
+from tests.servers import require
 
 MiB = 1024 * 1024
 
@@ -230,12 +231,17 @@ def test_chmod_chown_utime_persist(mnt: Mount) -> None:
     os.chmod(p, 0o600)
     os.chown(p, 1234, 5678)
     os.utime(p, ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
-    (mnt.path / "dir").mkdir(mode=0o750)
     mnt.remount()
     st = (mnt.path / "m").stat()
     assert stat.S_IMODE(st.st_mode) == 0o600
     assert (st.st_uid, st.st_gid) == (1234, 5678)
     assert st.st_mtime_ns == 1_600_000_000_123_456_789
+
+
+def test_mkdir_mode_persists(mnt: Mount) -> None:
+    require(mnt.target, "folder_attributes")
+    (mnt.path / "dir").mkdir(mode=0o750)
+    mnt.remount()
     assert stat.S_IMODE((mnt.path / "dir").stat().st_mode) == 0o750
 
 

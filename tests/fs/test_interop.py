@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.mounting import CLOUDFS, Mount
-from tests.servers import Target
+from tests.servers import Target, require
 
 SWIFT_META = "x-object-meta-"
 
@@ -114,6 +114,13 @@ def test_s3fs_style_objects_appear(mnt: Mount, raw: Raw) -> None:
     assert (mnt.path / "tool" / "plain").read_bytes() == b"no metadata at all"
     assert stat.S_IMODE((mnt.path / "tool" / "plain").stat().st_mode) == 0o644
     assert sorted(os.listdir(mnt.path / "tool")) == ["emptydir", "plain", "s3fs-exec"]
+    assert stat.S_ISDIR((mnt.path / "tool" / "emptydir").stat().st_mode)
+
+
+def test_s3fs_style_folder_marker_mode(mnt: Mount, raw: Raw) -> None:
+    require(mnt.target, "folder_attributes")
+    raw.put("tool/emptydir/", b"", {"mode": "16832"})  # 0700 directory marker
+    settle()
     assert (mnt.path / "tool" / "emptydir").stat().st_mode == stat.S_IFDIR | 0o700
 
 

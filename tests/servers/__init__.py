@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-BACKENDS = ["local", "s3", "azure", "gcs", "b2", "swift"]
+BACKENDS = ["local", "s3", "seaweed", "azure", "gcs", "b2", "swift"]
 
 
 @dataclass
@@ -25,6 +25,17 @@ class Target:
     options: dict[str, str] = field(default_factory=dict)  # backend -o options
     sdk: Any = None  # the store's own SDK client, for interop checks
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def require(target: Target, feature: str) -> None:
+    """Skip the calling test where the target's store cannot do ``feature``: each test
+    server module lists what its store cannot do, and why, in ``DIVERGENCES`` (mirrored in
+    docs/semantics.md)."""
+    import pytest
+
+    reason = target.extra.get("divergences", {}).get(feature)
+    if reason:
+        pytest.skip(f"{target.extra.get('server_name', target.backend)}: {reason}")
 
 
 def selected_backends() -> list[str]:

@@ -1,8 +1,9 @@
-"""A SeaweedFS S3 gateway on 127.0.0.1, for persistence/crash tests and benchmarks.
+"""A SeaweedFS S3 gateway on 127.0.0.1: a conformance target, and for persistence/crash
+tests and benchmarks.
 
 Unlike moto it keeps its data on disk (in the server's workdir), so a ``restart()`` -- or
 a kill and start -- shows whether what cloudfs acknowledged really reached the store.  It
-is not part of the conformance matrix (:data:`tests.servers.BACKENDS`); tests use it
+is in the conformance matrix (:data:`tests.servers.BACKENDS`); tests may also use it
 directly::
 
     with seaweed.Server(tmp_path) as srv:
@@ -27,6 +28,13 @@ from typing import Any
 from . import Target
 from .process import ManagedProcess, free_port
 from .s3 import CREDENTIALS, boto3_client, venv_bin
+
+# What SeaweedFS cannot store that the conformance suite checks (docs/semantics.md).
+DIVERGENCES = {
+    "folder_attributes": "its S3 gateway turns a PUT of a `dir/` marker into a filer directory and "
+                         "drops the marker's x-amz-meta-* metadata, so a folder's mode, owner, times "
+                         "and xattrs are not stored",
+}
 
 PORT_NAMES = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc",
               "admin", "admin_grpc", "debug")
@@ -130,4 +138,5 @@ class Server:
                     raise
                 time.sleep(0.5)
         return Target("s3", f"s3://{bucket}", env=self.env(), sdk=self.sdk,
-                      extra={"bucket": bucket, "endpoint": self.endpoint, "server": self})
+                      extra={"bucket": bucket, "endpoint": self.endpoint, "server": self,
+                             "server_name": "seaweed", "divergences": DIVERGENCES})

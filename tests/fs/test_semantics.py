@@ -9,9 +9,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import os
 import stat
+import struct
 import subprocess
+import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -307,3 +310,30 @@ def test_umount_gets_the_kernels_dirty_pages_to_the_store(slow: Mount) -> None:
     finally:
         with contextlib.suppress(OSError):
             os.close(fd)  # the mount process is gone
+
+
+@pytest.mark.backends("s3")
+def test_umount_shows_upload_progress_on_a_terminal(slow: Mount) -> None:
+    data = os.urandom(96 * MiB)  # enough that the upload is still running when umount polls
+    (slow.path / "big").write_bytes(data)
+    assert status(slow)["uploads"]["pending_bytes"] == len(data)
+    master, terminal = os.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column tty
+    proc = subprocess.Popen([CLOUDFS, "umount", str(slow.path)], env=slow.env,
+                            stdin=terminal, stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    out = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the terminal's last user is gone
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(master)
+        assert proc.wait(timeout=300) == 0, out
+    assert b"uploading before unmount" in out, out
+    assert stored(slow.target, "big") == data

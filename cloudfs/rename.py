@@ -147,6 +147,8 @@ class Renamer:
             keys: list[str] = []
             async for page in self.backend.list(old + "/", None):
                 keys += [o.key for o in page.objects]
+        elif held and all(f.base is None for f in held):
+            keys = []  # never uploaded: nothing of it on the store, only the journal is re-keyed
         else:
             keys = [old]
         etags: dict[str, str] = {}

@@ -296,7 +296,7 @@ def _serve(plan: MountPlan, ready_fd: int | None, detach: bool) -> int:
             fuse_opts.add("ro")
         if opts.allow_other:
             fuse_opts.add("allow_other")
-        if opts.atime == "noatime":  # relatime is the kernel's default; libfuse cannot set strictatime
+        if opts.atime == "noatime":  # relatime is the kernel's default
             fuse_opts.add("noatime")
         if opts.noexec:
             fuse_opts.add("noexec")

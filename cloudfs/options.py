@@ -37,8 +37,8 @@ OPTIONS: dict[str, str] = {
     "timeout": "seconds one request may take before it counts as failed (default 120)",
     "log_file": "where the daemon logs (default: cloudfs.log in the cache directory)",
     "debug": "verbose logging",
-    "noatime": "kernel flag, passed to the mount; `relatime` (the default) and `strictatime` are accepted "
-               "too, the last of the three wins (libfuse cannot set strictatime: it is ignored)",
+    "noatime": "kernel flag, passed to the mount; `relatime` (the default, undoes it) and `strictatime` "
+               "are accepted too (libfuse cannot set strictatime: it is ignored)",
     "noexec": "kernel flag, passed to the mount (`exec`, the default, undoes it)",
     "nosuid": "accepted for fstab lines; a cloudfs mount is always nosuid,nodev (also `nodev`)",
 }
@@ -73,7 +73,7 @@ class MountOptions:
     log_file: str | None = None
     debug: bool = False
     nonempty: bool = False
-    atime: str | None = None  # one of ATIME_FLAGS
+    atime: str | None = None  # noatime or relatime (the kernel's default)
     noexec: bool = False
     backend: dict[str, str] = field(default_factory=dict)  # options the backend takes
 
@@ -140,7 +140,7 @@ def parse(options: dict[str, str], backend_options: frozenset[str]) -> MountOpti
             m.read_only = name == "ro"
         elif name in ("allow_other", "nonempty", "nosuid", "nodev", "noexec", "exec", *ATIME_FLAGS):
             _flag(name, value)
-            if name in ATIME_FLAGS:
+            if name in ("noatime", "relatime"):  # strictatime: accepted, libfuse cannot set it
                 m.atime = name
             elif name in ("noexec", "exec"):
                 m.noexec = name == "noexec"

@@ -131,6 +131,20 @@ MINIMUM = {"uid": 0, "gid": 0, "readahead": 0, "transfers": 1, "connections": 1,
            "cache_size": 1, "min_free": 0, "max_dirty": 1, "timeout": 0.001}
 
 
+# Backend options that are yes/no flags; the backends read them, this only refuses nonsense.
+BACKEND_FLAGS = ("path_style", "anonymous", "b2_hard_delete")
+B2_REALMS = ("production", "dev", "staging")
+
+
+def _check_backend_option(name: str, value: str) -> None:
+    """The checks every backend's options share (each backend checks the rest itself)."""
+    if name in BACKEND_FLAGS:
+        _bool(name, value)
+    elif name == "endpoint" and value and not value.startswith(("http://", "https://")) \
+            and value not in B2_REALMS:
+        raise ConfigError(f"-o endpoint={value}: not an http(s):// URL")
+
+
 def parse(options: dict[str, str], backend_options: frozenset[str]) -> MountOptions:
     """Parse and check every option; a bad one is a ConfigError naming it (exit code 2)."""
     m = MountOptions()
@@ -159,6 +173,7 @@ def parse(options: dict[str, str], backend_options: frozenset[str]) -> MountOpti
                 raise ConfigError(f"-o {name} needs a path")
             setattr(m, name, os.path.abspath(value))
         elif name in backend_options:
+            _check_backend_option(name, value)
             m.backend[name] = value
         else:
             raise ConfigError(f"unknown mount option: {name} (see `cloudfs mount --help`)")

@@ -144,20 +144,29 @@ def prepare(url: str, mountpoint: str, option_text: list[str] | None) -> MountPl
 def _check_mountpoint(mountpoint: str, cache_dir: str, nonempty: bool) -> None:
     """An empty directory with nothing mounted on it; a dead cloudfs mount of ours is cleared."""
     top = _top_mount(mountpoint)
+    busy = f"mountpoint {mountpoint} is busy: something is already mounted there"
     try:
         st = os.stat(mountpoint)
     except OSError as exc:
-        if exc.errno != errno.ENOTCONN or top is None:
+        if top is None:
             raise MountError(f"mountpoint {mountpoint} does not exist or is not a directory", 2) from None
+        if exc.errno != errno.ENOTCONN:  # e.g. EACCES: another user's FUSE mount
+            raise MountError(busy, 16) from None
         _clear_stale(mountpoint, cache_dir, top[1])
         top = _top_mount(mountpoint)
         st = os.stat(mountpoint)
     if not stat.S_ISDIR(st.st_mode):
         raise MountError(f"mountpoint {mountpoint} does not exist or is not a directory", 2)
     if top is not None and top[1] != "autofs":
-        raise MountError(f"mountpoint {mountpoint} is busy: something is already mounted there", 16)
+        raise MountError(busy, 16)
     # Never list an autofs trigger (a systemd automount): that would wait for this very mount.
-    if top is None and not nonempty and os.listdir(mountpoint):
+    if top is not None or nonempty:
+        return
+    try:
+        entries = os.listdir(mountpoint)
+    except OSError as exc:
+        raise MountError(f"mountpoint {mountpoint}: {exc.strerror}", 2) from None
+    if entries:
         raise MountError(f"mountpoint {mountpoint} is not empty (its files would be hidden); "
                          "use -o nonempty to mount over them", 2)
 

@@ -3,6 +3,8 @@ runtime, and pyproject.toml builds without setuptools' deprecation warnings (iss
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +80,25 @@ def test_console_scripts_in_the_venv() -> None:
     """`pip install .` / `pipx install .` put both commands beside the interpreter."""
     for name in ("cloudfs", "mount.cloudfs"):
         assert (VENV_BIN / name).is_file()
+
+
+def test_make_demo_is_short_and_quiet(tmp_path: Path) -> None:
+    """On an installed checkout `make demo` prints the demo, not an installer's log."""
+    bucket, mnt = tmp_path / "bucket", tmp_path / "mnt"
+    cache_dir = None
+    try:
+        r = make("demo", f"DEMO_BUCKET={bucket}", f"DEMO_MNT={mnt}")
+        assert r.returncode == 0, r.stdout + r.stderr
+        out = r.stdout + r.stderr
+        assert "Deprecat" not in out and "Traceback" not in out, out
+        assert len(out.splitlines()) < 30, out
+        assert "README.txt" in out and (mnt / "README.txt").is_file()
+        st = subprocess.run([str(VENV_BIN / "cloudfs"), "status", str(mnt), "--json"], capture_output=True,
+                            text=True, timeout=60)
+        cache_dir = json.loads(st.stdout)["cache"]["dir"]
+        r = make("demo-stop", f"DEMO_MNT={mnt}")
+        assert r.returncode == 0, r.stderr
+    finally:
+        subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+        if cache_dir:  # the default cache directory of this test's own bucket
+            shutil.rmtree(cache_dir, ignore_errors=True)

@@ -42,10 +42,10 @@ OPTIONS: dict[str, str] = {
     "noexec": "kernel flag, passed to the mount (`exec`, the default, undoes it)",
     "nosuid": "accepted for fstab lines; a cloudfs mount is always nosuid,nodev (also `nodev`)",
 }
-# What fstab lines carry that mount(8) or systemd act on is removed by mount.cloudfs (see
-# cloudfs/mount_helper.py); these generic flags reach `cloudfs mount -o` and are accepted there.
+# The generic kernel flags of fstab lines (what only mount(8) or systemd act on is removed by
+# mount.cloudfs, see cloudfs/mount_helper.py): accepted by `cloudfs mount -o`; noatime and
+# noexec are passed to the FUSE mount, nosuid and nodev are always on.
 KERNEL_FLAGS = ("noatime", "relatime", "strictatime", "noexec", "exec", "nosuid", "nodev")
-# Kernel mount flags passed through to the FUSE mount, and flags that are always on.
 ATIME_FLAGS = ("noatime", "relatime", "strictatime")
 ALWAYS_ON = ("nosuid", "nodev")
 

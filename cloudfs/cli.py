@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Any
 
+from . import __version__
 from .daemon import MountError, mount, prepare, unmount
 from .options import OPTIONS
 
@@ -31,11 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cloudfs", description="Mount cloud object storage as a directory.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=SCHEMES_HELP)
+    parser.add_argument("--version", action="version", version=f"cloudfs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     m = sub.add_parser("mount", help="mount a bucket", formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=SCHEMES_HELP + "\n\n" + _options_help())
     m.add_argument("url", nargs="?", help="bucket URL, e.g. s3://bucket/prefix or file:///srv/bucket")
-    m.add_argument("mountpoint", nargs="?", help="an existing empty directory")
+    m.add_argument("mountpoint", nargs="?", help="an existing empty directory (see -o nonempty)")
     m.add_argument("-o", dest="options", action="append", metavar="OPTS", help="comma-separated options")
     m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground (log to stderr)")
     m.add_argument("--profile", help="mount the profile /etc/cloudfs/NAME.conf (or a path)")

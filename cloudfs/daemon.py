@@ -9,6 +9,8 @@ systemd's own process group through while an automount is pending.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -16,6 +18,7 @@ import logging.handlers
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -36,7 +39,7 @@ from cloudfs.cache.writeback import WritebackQueue
 
 from . import metrics, notify, status
 from .fs import CloudFS, KernelNotify
-from .options import MountOptions, default_cache_dir, parse, split_options
+from .options import MountOptions, check_paths, default_cache_dir, normalise_url, parse, split_options
 from .vfs import VFS, Notify, VfsOptions
 
 log = logging.getLogger("cloudfs")
@@ -101,12 +104,13 @@ def _unescape(path: str) -> str:
 
 
 def prepare(url: str, mountpoint: str, option_text: list[str] | None) -> MountPlan:
-    """Everything that can fail before forking: URL, options, mountpoint, FUSE."""
+    """Everything that can fail before forking: URL, options, mountpoint, FUSE, cache dir."""
     raw = split_options(option_text)
     from urllib.parse import urlsplit
 
     from cloudfs.backends import backend_class
 
+    url = normalise_url(url)
     try:
         cls = backend_class(urlsplit(url).scheme)
         opts = parse(raw, cls.options)
@@ -118,15 +122,6 @@ def prepare(url: str, mountpoint: str, option_text: list[str] | None) -> MountPl
     backend.retry = RetryPolicy(attempts=opts.retries, call_timeout=opts.timeout,
                                 metadata_timeout=opts.metadata_timeout)
     backend.limiter.total_tokens = opts.connections
-    mountpoint = canonical(mountpoint)
-    if not os.path.isdir(mountpoint):
-        raise MountError(f"mountpoint {mountpoint} does not exist or is not a directory", 2)
-    if is_mounted(mountpoint):
-        raise MountError(f"mountpoint {mountpoint} is busy: something is already mounted there", 16)
-    if not os.path.exists("/dev/fuse"):
-        raise MountError("/dev/fuse is missing: load the fuse module (modprobe fuse) or install fuse3", 19)
-    if os.getuid() != 0 and not shutil.which("fusermount3"):
-        raise MountError("fusermount3 not found: install the fuse3 package", 19)
     # systemd's CacheDirectory= sets $CACHE_DIRECTORY for the service.
     # The default cache dir is keyed on the store (endpoint included), not on the URL text.
     if opts.cache_dir:
@@ -135,6 +130,16 @@ def prepare(url: str, mountpoint: str, option_text: list[str] | None) -> MountPl
         cache_dir = os.path.join(os.environ["CACHE_DIRECTORY"], "blocks")
     else:
         cache_dir = default_cache_dir(backend.describe())
+    mountpoint = canonical(mountpoint)
+    _check_mountpoint(mountpoint, cache_dir, opts.nonempty)
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse is missing: load the fuse module (modprobe fuse) or install fuse3", 19)
+    if os.getuid() != 0 and not shutil.which("fusermount3"):
+        raise MountError("fusermount3 not found: install the fuse3 package", 19)
+    try:
+        check_paths(opts, cache_dir)
+    except ConfigError as exc:
+        raise MountError(str(exc), 2) from None
     return MountPlan(url, mountpoint, opts, backend, cache_dir)
 
 
@@ -152,6 +157,80 @@ class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
 
 def log_path(opts: MountOptions, cache_dir: str) -> str:
     return opts.log_file or os.path.join(cache_dir, "cloudfs.log")
+
+
+def _check_mountpoint(mountpoint: str, cache_dir: str, nonempty: bool) -> None:
+    """An empty directory with nothing mounted on it; a dead cloudfs mount of ours is cleared."""
+    top = _top_mount(mountpoint)
+    busy = f"mountpoint {mountpoint} is busy: something is already mounted there"
+    try:
+        st = os.stat(mountpoint)
+    except OSError as exc:
+        if top is None:
+            raise MountError(f"mountpoint {mountpoint} does not exist or is not a directory", 2) from None
+        if exc.errno != errno.ENOTCONN:  # e.g. EACCES: another user's FUSE mount
+            raise MountError(busy, 16) from None
+        _clear_stale(mountpoint, cache_dir, top[1])
+        top = _top_mount(mountpoint)
+        st = os.stat(mountpoint)
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"mountpoint {mountpoint} does not exist or is not a directory", 2)
+    if top is not None and top[1] != "autofs":
+        raise MountError(busy, 16)
+    # Never list an autofs trigger (a systemd automount): that would wait for this very mount.
+    if top is not None or nonempty:
+        return
+    try:
+        entries = os.listdir(mountpoint)
+    except OSError as exc:
+        raise MountError(f"mountpoint {mountpoint}: {exc.strerror}", 2) from None
+    if entries:
+        raise MountError(f"mountpoint {mountpoint} is not empty (its files would be hidden); "
+                         "use -o nonempty to mount over them", 2)
+
+
+def _clear_stale(mountpoint: str, cache_dir: str, fstype: str) -> None:
+    """"Transport endpoint is not connected": a FUSE mount whose daemon is gone.  Detach it only
+    if it is provably ours and dead: a cloudfs mount, its pid file's process gone, and the
+    cache directory's lock free (a live mount holds it)."""
+    try:
+        with open(pid_file(mountpoint)) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        pid = 0
+    hint = f"unmount it with `fusermount3 -uz {mountpoint}`"
+    if fstype != "fuse.cloudfs":
+        raise MountError(f"mountpoint {mountpoint}: transport endpoint is not connected (a dead {fstype} "
+                         f"mount, not cloudfs); {hint}", 16)
+    if (pid and _alive(pid)) or not _cache_lock_free(cache_dir):
+        raise MountError(f"mountpoint {mountpoint}: transport endpoint is not connected, but its cloudfs "
+                         f"daemon{f' (pid {pid})' if pid and _alive(pid) else ''} still holds the cache "
+                         f"directory; stop it or {hint}", 16)
+    tool = ["fusermount3", "-uz"] if shutil.which("fusermount3") else ["umount", "-l"]
+    subprocess.run([*tool, mountpoint], capture_output=True, check=False)
+    if _top_mount(mountpoint) is not None:
+        raise MountError(f"mountpoint {mountpoint}: could not clear the dead cloudfs mount; {hint}", 16)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(pid_file(mountpoint))
+    print(f"cloudfs: cleared the dead cloudfs mount left on {mountpoint} by a crashed daemon",
+          file=sys.stderr)
+
+
+def _cache_lock_free(cache_dir: str) -> bool:
+    """No process holds the cache directory's lock (BlockCache.open takes it for the mount's life)."""
+    try:
+        fd = os.open(os.path.join(cache_dir, "lock"), os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # closing releases a lock we took
+    return True
 
 
 def setup_logging(opts: MountOptions, cache_dir: str, foreground: bool) -> None:
@@ -220,6 +299,7 @@ def _serve(plan: MountPlan, ready_fd: int | None, detach: bool) -> int:
             await plan.backend.check()
         except BackendError as exc:
             raise MountError(f"{plan.backend.describe()}: {exc}", 1) from None
+        await _warn_if_prefix_missing(plan.backend, foreground=not detach)
         mount = build(plan.backend, plan.cache_dir, opts, KernelNotify())
         try:
             recovered = mount.cache.open()
@@ -248,6 +328,10 @@ def _serve(plan: MountPlan, ready_fd: int | None, detach: bool) -> int:
             fuse_opts.add("ro")
         if opts.allow_other:
             fuse_opts.add("allow_other")
+        if opts.atime == "noatime":  # relatime is the kernel's default
+            fuse_opts.add("noatime")
+        if opts.noexec:
+            fuse_opts.add("noexec")
         try:
             pyfuse3.init(fs, plan.mountpoint, fuse_opts)
         except RuntimeError as exc:
@@ -308,6 +392,24 @@ def _serve(plan: MountPlan, ready_fd: int | None, detach: bool) -> int:
             raise
         return exc.code
     return state["code"]
+
+
+async def _warn_if_prefix_missing(backend: Backend, foreground: bool) -> None:
+    """A typo guard: mounting ``s3://bucket/photso`` gives an empty folder.  Still mounted
+    (writing there creates the prefix), but said once, on the terminal and in the log."""
+    if not backend.prefix:
+        return
+    try:
+        page = await backend.list_page("", delimiter="/", limit=1)
+    except BackendError:
+        return  # the mount itself will say what is wrong
+    if page.objects or page.prefixes:
+        return
+    message = (f"warning: nothing exists under {backend.describe()} yet (a typo in the prefix?); "
+               "mounting it empty")
+    log.warning("%s", message)
+    if not foreground:  # in the foreground the log is the terminal already
+        print(f"cloudfs: {message}", file=sys.stderr, flush=True)
 
 
 async def _on_signals(uploader: Uploader, nursery: trio.Nursery) -> None:

@@ -25,6 +25,9 @@ Options:
   ``suid``, ``nodev``, ``nosuid`` — a cloudfs mount is always ``nosuid,nodev`` (mount.fuse3
   adds ``dev,suid`` when root mounts ``fuse.cloudfs``; they are not honoured);
 * ``ro`` is kept (the last of ``ro``/``rw`` wins);
+* ``noatime``, ``relatime``, ``strictatime`` and ``noexec`` go to ``cloudfs mount -o``, which
+  passes ``noatime`` and ``noexec`` to the kernel mount (``relatime`` is the default; libfuse
+  cannot set ``strictatime``, so it is accepted and ignored);
 * ``env_file=PATH`` is consumed here: the KEY=VALUE credentials file is read with the same
   permission rule as profiles (owner-only) and exported to ``cloudfs mount``;
 * everything else goes to ``cloudfs mount -o``, which rejects what it does not know;
@@ -174,9 +177,9 @@ def cli_known_options(source: str) -> set[str] | None:
         from urllib.parse import urlsplit
 
         from cloudfs.backends import backend_class
-        from cloudfs.options import OPTIONS
+        from cloudfs.options import KERNEL_FLAGS, OPTIONS
 
-        return {"ro", "rw", *OPTIONS, *backend_class(urlsplit(source).scheme).options}
+        return {"ro", "rw", *OPTIONS, *KERNEL_FLAGS, *backend_class(urlsplit(source).scheme).options}
     except Exception:
         return None
 

@@ -13,6 +13,8 @@ from cloudfs.backends.errors import ConfigError
 # name -> help. The same text appears in `cloudfs mount --help` and docs/options.md.
 OPTIONS: dict[str, str] = {
     "ro": "mount read-only",
+    "nonempty": "mount over a directory that is not empty (its files are hidden while mounted); "
+                "without it such a mount is refused",
     "allow_other": "let other users access the mount (needs user_allow_other for non-root)",
     "uid": "owner of objects that carry no uid metadata (default: the mounting user)",
     "gid": "group of objects that carry no gid metadata (default: the mounting user's group)",
@@ -44,7 +46,17 @@ OPTIONS: dict[str, str] = {
     "metrics": "serve Prometheus metrics on HOST:PORT (e.g. 127.0.0.1:9105): requests by operation "
                "and result with latency, bytes up and down, cache hits/misses/evictions, dirty bytes, "
                "queued files",
+    "noatime": "kernel flag, passed to the mount; `relatime` (the default, undoes it) and `strictatime` "
+               "are accepted too (libfuse cannot set strictatime: it is ignored)",
+    "noexec": "kernel flag, passed to the mount (`exec`, the default, undoes it)",
+    "nosuid": "accepted for fstab lines; a cloudfs mount is always nosuid,nodev (also `nodev`)",
 }
+# The generic kernel flags of fstab lines (what only mount(8) or systemd act on is removed by
+# mount.cloudfs, see cloudfs/mount_helper.py): accepted by `cloudfs mount -o`; noatime and
+# noexec are passed to the FUSE mount, nosuid and nodev are always on.
+KERNEL_FLAGS = ("noatime", "relatime", "strictatime", "noexec", "exec", "nosuid", "nodev")
+ATIME_FLAGS = ("noatime", "relatime", "strictatime")
+ALWAYS_ON = ("nosuid", "nodev")
 
 
 @dataclass
@@ -73,6 +85,9 @@ class MountOptions:
     log_file: str | None = None
     debug: bool = False
     metrics: str | None = None  # HOST:PORT
+    nonempty: bool = False
+    atime: str | None = None  # noatime or relatime (the kernel's default)
+    noexec: bool = False
     backend: dict[str, str] = field(default_factory=dict)  # options the backend takes
 
 
@@ -96,9 +111,12 @@ def _size(name: str, value: str) -> int:
 
 def _seconds(name: str, value: str) -> float:
     try:
-        return float(value) if value.replace(".", "", 1).isdigit() else humanfriendly.parse_timespan(value)
+        seconds = float(value) if value.replace(".", "", 1).isdigit() else humanfriendly.parse_timespan(value)
     except humanfriendly.InvalidTimespan:
         raise ConfigError(f"-o {name}={value}: not a duration (e.g. 5, 5s, 2m)") from None
+    if not 0 <= seconds < 10 * 365 * 86400:
+        raise ConfigError(f"-o {name}={value}: not a duration (e.g. 5, 5s, 2m)")
+    return seconds
 
 
 def _int(name: str, value: str) -> int:
@@ -118,14 +136,54 @@ def _octal(name: str, value: str) -> int:
     return mode
 
 
+def _bool(name: str, value: str) -> bool:
+    if value.lower() in ("", "1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"-o {name}={value}: expected no value, or one of 1/0, yes/no, true/false")
+
+
+def _flag(name: str, value: str) -> None:
+    if value:
+        raise ConfigError(f"-o {name}={value}: {name} takes no value")
+
+
+# Smallest accepted value of each numeric option (the largest is checked where it matters).
+MINIMUM = {"uid": 0, "gid": 0, "readahead": 0, "transfers": 1, "connections": 1, "retries": 1,
+           "cache_size": 1, "min_free": 0, "max_dirty": 1, "timeout": 0.001, "metadata_timeout": 0.001}
+
+
+# Backend options that are yes/no flags; the backends read them, this only refuses nonsense.
+BACKEND_FLAGS = ("path_style", "anonymous", "b2_hard_delete")
+B2_REALMS = ("production", "dev", "staging")
+
+
+def _check_backend_option(name: str, value: str) -> None:
+    """The checks every backend's options share (each backend checks the rest itself)."""
+    if name in BACKEND_FLAGS:
+        _bool(name, value)
+    elif name == "endpoint" and value and not value.startswith(("http://", "https://")) \
+            and value not in B2_REALMS:
+        raise ConfigError(f"-o endpoint={value}: not an http(s):// URL")
+
+
 def parse(options: dict[str, str], backend_options: frozenset[str]) -> MountOptions:
+    """Parse and check every option; a bad one is a ConfigError naming it (exit code 2)."""
     m = MountOptions()
     modes: dict[str, int] = {}
     for name, value in options.items():
         if name in ("ro", "rw"):
+            _flag(name, value)
             m.read_only = name == "ro"
-        elif name == "allow_other":
-            m.allow_other = True
+        elif name in ("allow_other", "nonempty", "nosuid", "nodev", "noexec", "exec", *ATIME_FLAGS):
+            _flag(name, value)
+            if name in ("noatime", "relatime"):  # strictatime: accepted, libfuse cannot set it
+                m.atime = name
+            elif name in ("noexec", "exec"):
+                m.noexec = name == "noexec"
+            elif name not in ALWAYS_ON:
+                setattr(m, name, True)
         elif name in ("uid", "gid", "readahead", "transfers", "connections", "retries"):
             setattr(m, name, _int(name, value))
         elif name in ("umask", "file_mode", "dir_mode"):
@@ -135,7 +193,7 @@ def parse(options: dict[str, str], backend_options: frozenset[str]) -> MountOpti
         elif name in ("writeback_delay", "attr_timeout", "timeout", "metadata_timeout", "dir_cache_time"):
             setattr(m, name, _seconds(name, value))
         elif name in ("sync_upload", "debug"):
-            setattr(m, name, value.lower() not in ("0", "false", "no"))
+            setattr(m, name, _bool(name, value))
         elif name in ("cache_dir", "log_file"):
             if not value:
                 raise ConfigError(f"-o {name} needs a path")
@@ -144,21 +202,58 @@ def parse(options: dict[str, str], backend_options: frozenset[str]) -> MountOpti
             parse_address(value)
             m.metrics = value
         elif name in backend_options:
+            _check_backend_option(name, value)
             m.backend[name] = value
         else:
             raise ConfigError(f"unknown mount option: {name} (see `cloudfs mount --help`)")
+        least = MINIMUM.get(name)
+        if least is not None and getattr(m, name) < least:
+            raise ConfigError(f"-o {name}={value}: " + (f"must be at least {least}" if isinstance(least, int)
+                                                        else "must be more than 0"))
+    if m.uid >= 2**32 - 1 or m.gid >= 2**32 - 1:
+        raise ConfigError("-o uid/gid: not a valid user or group id")
     if m.block_size < 64 * 1024 or m.block_size > 1024**3:
         raise ConfigError("-o block_size must be between 64K and 1G")
     if m.cache_size < 4 * m.block_size:
         raise ConfigError("-o cache_size must hold at least 4 blocks")
-    if m.retries < 1:
-        raise ConfigError("-o retries must be at least 1")
     if m.max_dirty is None:
         m.max_dirty = m.cache_size // 2
+    elif m.max_dirty > m.cache_size:
+        raise ConfigError("-o max_dirty must not exceed cache_size")
     umask = modes.get("umask", 0o022)
     m.file_mode = modes.get("file_mode", 0o666 & ~umask)
     m.dir_mode = modes.get("dir_mode", 0o777 & ~umask)
     return m
+
+
+def check_paths(m: MountOptions, cache_dir: str) -> None:
+    """The cache directory can be created (or is a directory we may write) and the log file
+    can be written: checked before the mount starts, so a bad path is one line, not a traceback."""
+    if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+        raise ConfigError(f"cache directory {cache_dir}: exists and is not a directory")
+    try:
+        os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cache directory {cache_dir}: {exc.strerror or exc}") from None
+    if not os.access(cache_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"cache directory {cache_dir}: not writable")
+    if m.log_file:
+        parent = os.path.dirname(m.log_file)
+        if os.path.isdir(m.log_file) or not os.path.isdir(parent) or \
+                not os.access(m.log_file if os.path.exists(m.log_file) else parent, os.W_OK):
+            raise ConfigError(f"-o log_file={m.log_file}: not a file that can be written")
+
+
+def normalise_url(url: str) -> str:
+    """One spelling per bucket: the scheme in lower case, no repeated or trailing slashes in
+    the path (``S3://b//p/`` is ``s3://b/p``).  Everything keyed on the URL uses this form."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url.strip())
+    path = "/".join(p for p in parts.path.split("/") if p)
+    if parts.scheme.lower() == "file" or parts.path.startswith("/"):
+        path = "/" + path if path else ""
+    return urlunsplit((parts.scheme.lower(), parts.netloc, path, parts.query, parts.fragment))
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -173,6 +268,8 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 def default_cache_dir(url: str) -> str:
+    """``url`` is the store's description (Backend.describe(): scheme, bucket and prefix already in
+    one spelling, plus the endpoint), so every way of typing the URL finds the same cache."""
     from cloudfs.cache_dirs import default_base
 
     digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]

@@ -3,12 +3,20 @@
 # FUSE, the peers used by benchmarks, Node.js for Azurite, OpenStack Swift and memcached for
 # the swift backend tests, a virtualenv with cloudfs (editable) and the Python test servers,
 # and Azurite from npm.
+#
+# --runtime: only what cloudfs itself needs (FUSE, and a venv with cloudfs and its SDKs), and
+# quietly: `make demo` and `make install` use it; `make test` installs everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr
+runtime=0
+[ "${1:-}" = "--runtime" ] && runtime=1
+
+RUNTIME_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv)
+APT_PACKAGES=("${RUNTIME_PACKAGES[@]}" attr
               rclone s3fs fio util-linux systemd psmisc procps nodejs npm
               swift swift-proxy swift-object swift-container swift-account memcached)
+((runtime)) && APT_PACKAGES=("${RUNTIME_PACKAGES[@]}")
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -23,12 +31,21 @@ if ((${#missing[@]})); then
   echo "install-deps: apt packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
+fi
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if ((runtime)); then
+  # Already there (a previous run, or `make test`): nothing to do, nothing printed.
+  if ! .venv/bin/python -c 'import cloudfs.cli, pyfuse3' 2>/dev/null; then
+    echo "install-deps: installing cloudfs and its runtime dependencies into .venv"
+    .venv/bin/pip install -q -e .
+  fi
+  exit 0
 fi
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e '.[test]'

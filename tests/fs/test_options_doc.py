@@ -1,9 +1,14 @@
-"""The option table users read in docs/ is the one the code carries."""
+"""The option table users read in docs/ is the one the code carries, and every option's bad
+values are refused through the real CLI."""
 
+import os
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cloudfs.cli import build_parser
 from cloudfs.options import OPTIONS, markdown_table
+from tests.mounting import CLOUDFS, mounted
 
 
 def test_docs_options_match_code() -> None:
@@ -16,3 +21,94 @@ def test_help_lists_every_option() -> None:
     text = mount.format_help()
     for name in OPTIONS:
         assert name in text
+
+
+# Every option in the table, with values `cloudfs mount` must refuse before mounting anything:
+# one line on stderr, exit code 2, never a traceback (and never a hang: -o connections=0 hung).
+# "{tmp}" is the test's tmp_path.  An option added to OPTIONS without bad values fails
+# test_every_option_has_bad_values.
+BAD_VALUES: dict[str, list[tuple[str, str]]] = {
+    "ro": [("1", "takes no value")],
+    "nonempty": [("yes", "takes no value")],
+    "allow_other": [("1", "takes no value")],
+    "uid": [("-1", "at least 0"), ("root", "not a number"), ("4294967295", "not a valid")],
+    "gid": [("-1", "at least 0"), ("x", "not a number")],
+    "cache_dir": [("", "needs a path"), ("/proc/nope", "cache directory /proc/nope"),
+                  ("{tmp}/a-file", "not a directory"), ("{tmp}/a-file/below", "cache directory")],
+    "cache_size": [("-1G", "not a size"), ("0", "at least 1"), ("lots", "not a size"),
+                   ("1M", "at least 4 blocks")],
+    "min_free": [("-1", "not a size"), ("x", "not a size")],
+    "max_dirty": [("0", "at least 1"), ("-5M", "not a size"), ("1T", "must not exceed cache_size")],
+    "block_size": [("0", "between 64K and 1G"), ("2G", "between 64K and 1G"), ("-8M", "not a size")],
+    "writeback_delay": [("-5", "not a duration"), ("soon", "not a duration")],
+    "dir_cache_time": [("-1", "not a duration"), ("forever", "not a duration")],
+    "sync_upload": [("maybe", "expected no value")],
+    "attr_timeout": [("-1", "not a duration"), ("x", "not a duration")],
+    "readahead": [("-1", "at least 0"), ("many", "not a number")],
+    "transfers": [("0", "at least 1"), ("-2", "at least 1")],
+    "connections": [("0", "at least 1"), ("-1", "at least 1"), ("1.5", "not a number")],
+    "retries": [("0", "at least 1"), ("x", "not a number")],
+    "timeout": [("0", "more than 0"), ("-3", "not a duration"), ("x", "not a duration")],
+    "log_file": [("", "needs a path"), ("{tmp}", "not a file that can be written"),
+                 ("/nonexistent-dir/x.log", "not a file that can be written")],
+    "debug": [("perhaps", "expected no value")],
+    "noatime": [("1", "takes no value")],
+    "noexec": [("1", "takes no value")],
+    "nosuid": [("1", "takes no value")],
+    "metadata_timeout": [("0", "more than 0"), ("x", "not a duration")],
+    "umask": [("8", "not an octal mode"), ("7777", "0 to 0777")],
+    "file_mode": [("rw", "not an octal mode"), ("1777", "0 to 0777")],
+    "dir_mode": [("-1", "0 to 0777")],
+    "metrics": [("nonsense", "expected HOST:PORT"), ("127.0.0.1:99999", "expected HOST:PORT")],
+}
+
+
+# Backend options (`cloudfs mount --help` lists them per store): the URLs need no server, the
+# values are refused before any connection.
+BACKEND_BAD_VALUES: list[tuple[str, str, str]] = [
+    ("s3://bucket", "endpoint=s3.example.com", "http(s):// URL"),
+    ("s3://bucket", "path_style=maybe", "path_style=maybe"),
+    ("s3://bucket", "profile=no-such-profile-here", "no-such-profile-here"),
+    ("gs://bucket", "endpoint=localhost:4443", "http(s):// URL"),
+    ("gs://bucket", "anonymous=perhaps", "anonymous=perhaps"),
+    ("az://acct/container", "endpoint=blob.example.com", "http(s):// URL"),
+    ("b2://bucket-name", "endpoint=nowhere", "http(s):// URL"),
+    ("b2://bucket-name", "b2_hard_delete=sometimes", "b2_hard_delete=sometimes"),
+    ("swift://container", "endpoint=http://x", "unknown mount option"),
+]
+
+
+def test_every_option_has_bad_values() -> None:
+    assert set(BAD_VALUES) == set(OPTIONS)
+
+
+def test_bad_option_values_are_one_line_rc2(tmp_path: Path) -> None:
+    bucket, mnt = tmp_path / "bucket", tmp_path / "mnt"
+    bucket.mkdir()
+    mnt.mkdir()
+    (tmp_path / "a-file").write_text("not a directory")
+    cases = [(f"file://{bucket}", f"{name}={value.replace('{tmp}', str(tmp_path))}", text)
+             for name, values in BAD_VALUES.items() for value, text in values] + BACKEND_BAD_VALUES
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y",
+           "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+           "B2_APPLICATION_KEY_ID": "x", "B2_APPLICATION_KEY": "y"}
+
+    def attempt(case: tuple[str, str, str]) -> str | None:
+        url, opts, text = case
+        if not opts.startswith("cache_dir="):
+            opts += f",cache_dir={tmp_path / 'cache'}"
+        r = subprocess.run([CLOUDFS, "mount", url, str(mnt), "-o", opts],
+                           capture_output=True, text=True, timeout=60, env=env)
+        lines = r.stderr.strip().splitlines()
+        if r.returncode != 2 or len(lines) != 1 or text not in r.stderr:
+            return f"-o {opts}: rc {r.returncode}: {r.stderr.strip()}"
+        return None
+
+    try:  # the CLI starts in ~1 s (SDK imports); the cases run side by side
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            failures = [f for f in pool.map(attempt, cases) if f]
+        assert not mounted(mnt), "a bad option mounted"
+    finally:
+        if mounted(mnt):
+            subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+    assert not failures, "\n".join(failures)

@@ -82,7 +82,7 @@ def test_editable_install_imports_mapped_packages(tmp_path: Path) -> None:
     source = _editable_source()
     # `make test` installs cloudfs editable from this checkout: anything else is a missing step.
     assert source is not None and source.resolve() == REPO.resolve(), (
-        f"cloudfs is not installed in editable mode from {REPO} (found: {source}); run `make install`")
+        f"cloudfs is not installed in editable mode from {REPO} (found: {source}); run `make deps`")
     # -I: no PYTHONPATH, no user site, no cwd on sys.path; run from outside the checkout.
     out = _probe(["-I"], cwd=tmp_path)
     files = out["files"]
@@ -99,7 +99,7 @@ def test_editable_install_puts_no_generic_names_in_site_packages() -> None:
     site = Path(sysconfig.get_paths()["purelib"])
     assert _generic_entries(site) == []
     dist = _installed_dist()
-    assert dist is not None, "cloudfs is not installed in this environment; run `make install`"
+    assert dist is not None, "cloudfs is not installed in this environment; run `make deps`"
     top_level = (dist.read_text("top_level.txt") or "cloudfs").split()
     assert top_level == ["cloudfs"]
 
@@ -157,6 +157,8 @@ def test_wheel_contents(wheel: Path) -> None:
     info = next(iter(dist_info))
     if f"{info}/top_level.txt" in names:
         assert zipfile.ZipFile(wheel).read(f"{info}/top_level.txt").decode().split() == ["cloudfs"]
+    metadata_text = zipfile.ZipFile(wheel).read(f"{info}/METADATA").decode()
+    assert "License-Expression: MIT" in metadata_text  # the SPDX form, not the deprecated table
     entry_points = zipfile.ZipFile(wheel).read(f"{info}/entry_points.txt").decode()
     assert "cloudfs = cloudfs.cli:main" in entry_points
     assert "mount.cloudfs = cloudfs.mount_helper:main" in entry_points

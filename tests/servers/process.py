@@ -63,7 +63,7 @@ class ManagedProcess:
                                          cwd=self.cwd, start_new_session=True)
         except FileNotFoundError as exc:
             raise ServerFailed(f"{self.name}: cannot start {self.argv[0]} ({exc}); "
-                               "run `make install` (the README's test command installs it)") from exc
+                               "run `make deps` (the README's test command installs it)") from exc
         finally:
             log.close()
         deadline = time.monotonic() + timeout

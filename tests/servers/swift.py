@@ -46,7 +46,7 @@ STORAGE_SERVERS = ("account", "container", "object")
 def _binary(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        raise ServerFailed(f"{name} is not installed; run `make install` (apt: swift swift-proxy "
+        raise ServerFailed(f"{name} is not installed; run `make deps` (apt: swift swift-proxy "
                            "swift-object swift-container swift-account memcached)")
     return path
 

@@ -107,6 +107,44 @@ def test_mount_T_fstab(sbin_helper, bucket, tmp_path):
     assert cloudfs_mount_at(mnt) is None
 
 
+GENERIC = ("defaults,noatime,relatime,strictatime,noexec,exec,nosuid,nodev,user,users,nofail,auto,noauto,"
+           "_netdev")
+
+
+def test_fstab_line_with_generic_options(sbin_helper, bucket, tmp_path):
+    """The generic options of many fstab lines: the kernel ones reach the mount, the rest are
+    accepted and ignored (issue 14)."""
+    b, mnt = bucket
+    fstab = tmp_path / "fstab"
+    # one atime flag, as fstab lines have
+    line = "defaults,noatime,noexec,nosuid,nodev,user,users,nofail,noauto,_netdev"
+    fstab.write_text(f"file://{b} {mnt} cloudfs {line},{cache_opts(tmp_path)} 0 0\n")
+    rc, out = run_logged(["mount", "-v", "-T", str(fstab), str(mnt)], tmp_path)
+    assert rc == 0, out
+    m = cloudfs_mount_at(mnt)
+    assert m is not None and {"noatime", "noexec", "nosuid", "nodev"} <= m.options, (m, out)
+    assert read_through(mnt / "hello.txt") == "hello from the bucket\n"
+    rc, out = run_logged(["umount", str(mnt)], tmp_path)
+    assert rc == 0, out
+    assert cloudfs_mount_at(mnt) is None
+
+
+def test_helper_called_directly_with_generic_options(bucket, tmp_path):
+    """mount.cloudfs as mount(8) calls it (no /sbin install needed): every generic option is taken."""
+    b, mnt = bucket
+    helper = str(Path(CLOUDFS).with_name("mount.cloudfs"))
+    rc, out = run_logged([helper, f"file://{b}", str(mnt), "-v", "-o", f"{GENERIC},{cache_opts(tmp_path)}"],
+                         tmp_path)
+    assert rc == 0, out
+    m = cloudfs_mount_at(mnt)
+    assert m is not None and {"nosuid", "nodev"} <= m.options and "noatime" not in m.options, (m, out)
+    assert "ignoring options: defaults,exec,nosuid,nodev,user,users,nofail,auto,noauto,_netdev" in out, out
+    assert read_through(mnt / "hello.txt") == "hello from the bucket\n"
+    rc, out = run_logged([CLOUDFS, "umount", str(mnt)], tmp_path)
+    assert rc == 0, out
+    assert cloudfs_mount_at(mnt) is None
+
+
 def test_mount_t_fuse_cloudfs_read_write(sbin_helper, bucket, tmp_path):
     b, mnt = bucket
     rc, out = run_logged(["mount", "-t", "fuse.cloudfs", f"file://{b}", str(mnt),

@@ -14,9 +14,9 @@ from tests.systemd.harness import CLOUDFS, FSTAB_GENERATOR, UNITS_SRC, render_un
 
 
 def test_systemd_tools_are_installed():
-    # `make install` installs Debian's systemd package: a missing tool is a failure, not a skip.
-    assert shutil.which("systemd-analyze"), "systemd-analyze missing: run `make install`"
-    assert os.access(FSTAB_GENERATOR, os.X_OK), f"{FSTAB_GENERATOR} missing: run `make install`"
+    # `make deps` installs Debian's systemd package: a missing tool is a failure, not a skip.
+    assert shutil.which("systemd-analyze"), "systemd-analyze missing: run `make deps`"
+    assert os.access(FSTAB_GENERATOR, os.X_OK), f"{FSTAB_GENERATOR} missing: run `make deps`"
 
 SHIPPED = sorted(p.relative_to(UNITS_SRC).as_posix() for p in UNITS_SRC.rglob("*") if p.is_file())
 
@@ -109,7 +109,7 @@ s3://b/x\\040y  /mnt/with\\040space  cloudfs  _netdev,x-systemd.automount,x-syst
 
 @pytest.fixture
 def generated(tmp_path) -> Path:
-    assert os.access(FSTAB_GENERATOR, os.X_OK), f"{FSTAB_GENERATOR} missing: run `make install`"
+    assert os.access(FSTAB_GENERATOR, os.X_OK), f"{FSTAB_GENERATOR} missing: run `make deps`"
     fstab = tmp_path / "fstab"
     fstab.write_text(FSTAB)
     out = [tmp_path / n for n in ("normal", "early", "late")]

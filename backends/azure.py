@@ -60,6 +60,7 @@ import threading
 import time
 from enum import Enum
 from typing import Any, BinaryIO
+from urllib.parse import urlsplit
 
 from .base import Backend, Capabilities, ListPage, ObjectInfo, PartInfo, Payload, RetryPolicy
 from .errors import (
@@ -179,8 +180,6 @@ def resolve_credentials(account: str, endpoint: str | None,
 
 
 def _check_endpoint(url: str) -> str:
-    from urllib.parse import urlsplit
-
     parts = urlsplit(url.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError("the Azure blob endpoint must be an http(s):// URL")
@@ -300,7 +299,11 @@ class AzureBackend(Backend):
         return cls(account, container, prefix, endpoint=endpoint, credential=credential)
 
     def describe(self) -> str:
-        return f"az://{self.account}/{self.container}/{self.prefix}"
+        name = f"az://{self.account}/{self.container}/{self.prefix}"
+        host = self._safe_host()
+        # The public endpoint follows from the account; another one (Azurite, a sovereign
+        # cloud) is part of the store's name.
+        return name if host == f"{self.account}.blob.core.windows.net" else f"{name} at {host}"
 
     def close(self) -> None:
         self._service.close()
@@ -333,8 +336,6 @@ class AzureBackend(Backend):
         return None
 
     def _safe_host(self) -> str:
-        from urllib.parse import urlsplit
-
         return urlsplit(self.endpoint).netloc
 
     def _blob(self, key: str) -> Any:

@@ -118,6 +118,7 @@ class Auth:
 
     kind = ""
     renewable = True
+    url = ""  # where authentication (or, pre-authenticated, storage) lives: names the cluster
 
     def login(self) -> Session:
         raise NotImplementedError
@@ -176,7 +177,7 @@ class KeystoneAuth(Auth):
     kind = "keystone-v3"
 
     def __init__(self, env: dict[str, str] | os._Environ[str]) -> None:
-        self.auth_url = env["OS_AUTH_URL"]
+        self.auth_url = self.url = env["OS_AUTH_URL"]
         self.region = env.get("OS_REGION_NAME") or None
         self.interface = env.get("OS_INTERFACE", "public").removesuffix("URL")
         self._args: dict[str, str | None]
@@ -237,6 +238,7 @@ class PreAuth(Auth):
 
     def __init__(self, url: str, token: str) -> None:
         self._session = Session(url, token)
+        self.url = url
 
     def login(self) -> Session:
         return self._session
@@ -336,7 +338,10 @@ class SwiftBackend(Backend):
         return cls(container, path.strip("/"))
 
     def describe(self) -> str:
-        return f"swift://{self.container}/{self.prefix}"
+        """The container and the cluster (its auth URL's host), so two clusters' containers of
+        one name never share a cache directory."""
+        host = urlsplit(self.auth.url).netloc if self.auth.url else ""
+        return f"swift://{self.container}/{self.prefix}" + (f" at {host}" if host else "")
 
     def close(self) -> None:
         conns = getattr(self._local, "conns", {})

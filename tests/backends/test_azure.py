@@ -244,7 +244,7 @@ def test_prefix_mount(backend_name: str, target: Target) -> None:
     target.sdk.upload_blob("outside", b"x")
     b = open_backend(target.url + "/pre")
     try:
-        assert b.describe() == f"{target.url}/pre/"
+        assert b.describe().startswith(f"{target.url}/pre/ at 127.0.0.1:")  # Azurite's endpoint
         put(b, "a/b", b"ab")
         assert target.sdk.download_blob("pre/a/b").readall() == b"ab"
         assert list_all(b, "") == ([], ["a/", "f/"])

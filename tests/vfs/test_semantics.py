@@ -320,6 +320,16 @@ def test_default_cache_dir_is_named_after_the_store_endpoint_included(
     assert one != cache_dir("s3://other", "endpoint=http://127.0.0.1:9000")
     assert cache_dir(f"file://{tmp_path}") != cache_dir(f"file://{tmp_path}/sub")
     assert os.geteuid() == 0 or one.startswith(str(tmp_path / "xdg" / "cloudfs"))
+    monkeypatch.setenv("AZURE_STORAGE_KEY", "a2V5")
+    azure = cache_dir("az://acct/cont", "endpoint=http://127.0.0.1:10000/acct")
+    assert azure != cache_dir("az://acct/cont", "endpoint=http://127.0.0.1:10001/acct")
+    assert azure != cache_dir("az://acct/cont")
+    monkeypatch.setenv("ST_USER", "u")
+    monkeypatch.setenv("ST_KEY", "k")
+    monkeypatch.setenv("ST_AUTH", "http://127.0.0.1:8080/auth/v1.0")
+    swift = cache_dir("swift://c")
+    monkeypatch.setenv("ST_AUTH", "http://127.0.0.1:8081/auth/v1.0")
+    assert swift != cache_dir("swift://c")
 
 
 def test_b2_name_rules(monkeypatch: pytest.MonkeyPatch) -> None:

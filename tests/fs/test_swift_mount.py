@@ -139,10 +139,12 @@ def test_token_expiry_mid_copy_is_survived(target: Target, tmp_path: Path,
     try:
         (m.path / "first").write_bytes(b"before expiry")
         m.stop()
-        # The mount's token is the user's current one: wait (bounded) until Swift refuses it.
+        m.start()
+        # tempauth hands out a user's unexpired token again, so this is the mount's token, or
+        # (if that one ran out meanwhile) a newer one: either way the mount's token is dead
+        # once this one is, and the copy has to renew it.
         url, token = get_auth(short_token_env["ST_AUTH"], short_token_env["ST_USER"],
                               short_token_env["ST_KEY"])
-        m.start()
         wait_until_rejected(target, url, token)
         shutil.copyfile(src, m.path / "copied")
         assert status(m)["requests"].get("authorize") == 1

@@ -51,6 +51,10 @@ from .writeback import WritebackQueue
 log = logging.getLogger(__name__)
 
 GiB = 1024**3
+# An open file streaming out through a multipart upload counts as still being written this
+# long after its last change, though the write-back delay passed: a writer's pauses (the
+# kernel's write-back, a slow source) must not complete the upload half-way.
+STREAM_IDLE = 30.0
 
 
 def conflict_key(key: str) -> str:
@@ -98,14 +102,16 @@ class Uploader:
             return None
         if file.holds:
             return 0.2  # a directory rename is moving it
-        settles_in = file.last_change + self.queue.delay - time.monotonic()
-        if settles_in > 0 or (file.opens and (self.cache.waiting or file.open_upload is not None)):
+        idle = time.monotonic() - file.last_change
+        settles_in = self.queue.delay - idle
+        streaming = file.open_upload is not None and idle < STREAM_IDLE
+        if settles_in > 0 or (file.opens and (self.cache.waiting or streaming)):
             # Still being written: it changed within the write-back delay, or it is open and
-            # its writer may be the one waiting for cache space, or it streams out through an
-            # open upload.  Send whole parts.  If some went (room was made), or the file's
-            # dirty data can grow into its next part, completing the upload now would only
-            # make the next round copy every part again; it completes once it is closed and
-            # settles (or is flushed).
+            # its writer may be the one waiting for cache space, or it is open and streams
+            # out through an open upload that grew within STREAM_IDLE.  Send whole parts.  If
+            # some went (room was made), or the file's dirty data can grow into its next part,
+            # completing the upload now would only make the next round copy every part again;
+            # it completes once it settles (or is flushed).
             if await self.stage(file) or self._streaming(file):
                 return max(settles_in, self.queue.delay)
         await self.upload(file)

@@ -442,7 +442,8 @@ class Backend:
         try:
             result = await self._attempts(fn, args, op, timeout, retrying)
         except Transient:
-            self._reachable(False)
+            if retry:  # the whole retry policy failed (a call without retries proves little)
+                self._reachable(False)
             raise
         except BackendError:
             self._reachable(True)  # it answered, if only to refuse

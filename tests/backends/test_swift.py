@@ -420,8 +420,13 @@ def wait_until_rejected(target: Target, url: str, token: str, deadline: float = 
 
 @pytest.fixture
 def short_tokens(target: Target, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    """``ST_*`` for a proxy whose tempauth tokens live 2 seconds."""
-    with target.extra["server"].proxy(token_life=2) as env:
+    """``ST_*`` for a proxy whose tempauth tokens live 5 seconds.
+
+    tempauth keeps a token in memcached for ``int(token_life - elapsed)`` seconds, and
+    memcached's clock ticks in whole seconds, so a token may vanish up to ~2 s early: a
+    renewed token must outlive the requests that retry with it by more than that.
+    """
+    with target.extra["server"].proxy(token_life=5) as env:
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         yield env

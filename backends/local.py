@@ -4,7 +4,9 @@ Key ``a/b/c`` is the file ``ROOT/a/b/c``, so a bucket directory is browsable wit
 tools and files dropped into it show up in the mount.  User metadata lives in the xattr
 ``user.cloudfs.meta`` (JSON) of the data file; a directory marker ``a/b/`` is the directory
 ``ROOT/a/b`` carrying the xattr ``user.cloudfs.dir``.  Puts write a temp file in
-``ROOT/.cloudfs-tmp`` and rename it into place, so readers never see half an object.
+``ROOT/.cloudfs-tmp`` and rename it into place, so readers never see half an object.  That
+folder exists only while it holds something (a put in progress, an open multipart upload):
+it is made on demand and removed when the backend closes empty.
 
 Keys can never escape ROOT: every component is checked (no ``..``, ``.``, empty parts or
 absolute paths) and the resolved path must stay below the root.
@@ -13,6 +15,7 @@ absolute paths) and the resolved path must stay below the root.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import hashlib
 import json
@@ -122,16 +125,14 @@ class LocalBackend(Backend):
     def _check_bucket(self) -> None:
         if not os.path.isdir(self.root):
             raise BucketNotFound(f"bucket directory {self.root} does not exist")
-        os.makedirs(self.tmp, exist_ok=True)
-        probe = os.path.join(self.tmp, f"probe-{uuid.uuid4().hex}")
-        with open(probe, "wb"):
-            pass
+        probe = self._tmpfile()
         try:
             os.setxattr(probe, META_XATTR, b"{}")
         except OSError as exc:
             raise ConfigError(f"{self.root}: file system does not support user xattrs") from exc
         finally:
             os.unlink(probe)
+            self._remove_tmp_dir()
 
     def _list_page(self, prefix: str, delimiter: str | None, token: str | None, limit: int) -> ListPage:
         keys = self._list_keys(prefix, delimiter)
@@ -214,8 +215,25 @@ class LocalBackend(Backend):
                     remaining -= len(data)
 
     def _tmpfile(self) -> str:
-        os.makedirs(self.tmp, exist_ok=True)
-        return os.path.join(self.tmp, uuid.uuid4().hex)
+        """A new empty temp file.  Another mount of the same folder may remove the empty
+        temp folder at any moment (``_remove_tmp_dir``), so it is made again if it vanished."""
+        path = os.path.join(self.tmp, uuid.uuid4().hex)
+        for _ in range(3):
+            os.makedirs(self.tmp, exist_ok=True)
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                return path
+            except FileNotFoundError:
+                continue
+        raise BackendError(f"local disk: {self.tmp} keeps vanishing")
+
+    def _remove_tmp_dir(self) -> None:
+        """Remove the temp folder if nothing is in it (it holds open multipart uploads)."""
+        with contextlib.suppress(OSError):
+            os.rmdir(self.tmp)
+
+    def close(self) -> None:
+        self._remove_tmp_dir()
 
     def _check_conditions(self, key: str, path: str, if_match: str | None, if_none_match: bool) -> None:
         if not (if_match or if_none_match):

@@ -1,7 +1,7 @@
 """`cloudfs mount` as a new user meets it: --version, the mountpoint checks (not empty, a dead
 mount left by a crash), kernel flags, the typo guard for a missing prefix, and one cache
-directory however the URL is typed.  All through the real CLI; every mount is cleared even
-when a test fails."""
+directory however the URL is typed; a file:// bucket keeps no temp folder.  All through the
+real CLI; every mount is cleared even when a test fails."""
 
 from __future__ import annotations
 
@@ -126,6 +126,24 @@ def test_kernel_flags_reach_the_mount(local_target: Target, tmp_path: Path) -> N
         flags = set(line.split()[5].split(","))
         assert {"noatime", "noexec", "nosuid", "nodev"} <= flags, line
         assert cli("umount", str(mnt)).returncode == 0
+
+
+def test_file_bucket_keeps_no_temp_folder(local_target: Target, tmp_path: Path) -> None:
+    """A file:// bucket holds only what was written: the local backend's temp folder is made
+    while a put needs it and gone after the unmount (it would show up in other tools)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with cleared(mnt):
+        r = cli("mount", local_target.url, str(mnt), "-o", f"cache_dir={tmp_path / 'cache'}")
+        assert r.returncode == 0, r.stderr
+        (mnt / "d").mkdir()
+        (mnt / "d" / "f").write_bytes(b"x" * 100_000)
+        (mnt / "g").write_bytes(b"small")
+        r = cli("umount", str(mnt))
+        assert r.returncode == 0, r.stderr
+    root = local_target.extra["root"]
+    assert sorted(p.name for p in root.iterdir()) == ["d", "g"]
+    assert (root / "d" / "f").read_bytes() == b"x" * 100_000
 
 
 @pytest.mark.backends("s3")

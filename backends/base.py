@@ -93,6 +93,22 @@ class PartInfo:
     etag: str
 
 
+def trace_arg(value: object) -> str:
+    """An argument as a debug trace shows it: names and numbers as they are, contents only by
+    size (file data and metadata values are the user's, and never belong in a log)."""
+    if isinstance(value, str):
+        return repr(value if len(value) <= 200 else value[:200] + "...")
+    if value is None or isinstance(value, bool | int | float):
+        return repr(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, dict):
+        return f"<{len(value)} metadata keys>"
+    if isinstance(value, list | tuple):
+        return f"<{len(value)} items>"
+    return f"<{type(value).__name__}>"
+
+
 class Payload:
     """A body to upload that can be re-read from the start on every retry attempt.
 
@@ -468,14 +484,14 @@ class Backend:
                     except trio.TooSlowError:
                         raise Transient(f"{self.scheme}: {op} got no answer in {timeout:g}s") from None
                 except BaseException as exc:
-                    self._observe(op, type(exc).__name__, started)
+                    self._observe(op, args, type(exc).__name__, started)
                     if isinstance(exc, TokenExpired):
                         if renewed:
                             raise AuthenticationFailed(f"{exc}; a fresh token was refused too") from None
                         renewed = True
                         await self._renew_auth(generation)
                     raise
-                self._observe(op, "ok", started)
+                self._observe(op, args, "ok", started)
                 return result
         raise AssertionError("unreachable")
 
@@ -495,9 +511,13 @@ class Backend:
             self.offline_since = time.time()
             self._on_reachability(False)
 
-    def _observe(self, op: str, outcome: str, started: float) -> None:
+    def _observe(self, op: str, args: tuple[Any, ...], outcome: str, started: float) -> None:
+        elapsed = time.monotonic() - started
         self.results[(op, outcome)] += 1
-        self.latency.labels(op).observe(time.monotonic() - started)
+        self.latency.labels(op).observe(elapsed)
+        if log.isEnabledFor(logging.DEBUG):  # -o debug: one line per request sent
+            log.debug("%s: %s(%s) -> %s in %.1f ms", self.describe(), op,
+                      ", ".join(trace_arg(a) for a in args), outcome, elapsed * 1000)
 
     async def _renew_auth(self, generation: int) -> None:
         async with self._auth_lock:

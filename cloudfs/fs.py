@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -20,6 +21,7 @@ from typing import Any, TypeVar, cast
 
 import pyfuse3
 
+from cloudfs.backends.base import trace_arg
 from cloudfs.backends.errors import BackendError
 
 from .inodes import Inode
@@ -30,8 +32,13 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
 def fuse_errors(fn: F) -> F:
+    params = list(inspect.signature(fn).parameters)[1:]  # after self
+
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kw: Any) -> Any:
+        if log.isEnabledFor(logging.DEBUG):  # -o debug: one line per FUSE request
+            log.debug("fuse %s(%s)", fn.__name__, ", ".join(
+                f"{name}={_trace(name, value)}" for name, value in zip(params, args[1:], strict=False)))
         try:
             try:
                 return await fn(*args, **kw)
@@ -52,6 +59,21 @@ def fuse_errors(fn: F) -> F:
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return cast(F, wrapper)
+
+
+_NAME_PARAMS = {"name", "name_old", "name_new", "new_name", "target"}
+
+
+def _trace(param: str, value: Any) -> str:
+    """A request argument as the debug trace shows it: names (file names, symlink targets,
+    xattr names) as text; data and xattr values only by size."""
+    if param in _NAME_PARAMS and isinstance(value, bytes):
+        return repr(os.fsdecode(value))
+    if param == "ctx":
+        return f"uid {value.uid} pid {value.pid}" if value is not None else "-"
+    if isinstance(value, pyfuse3.EntryAttributes | pyfuse3.SetattrFields | pyfuse3.ReaddirToken):
+        return f"<{type(value).__name__}>"
+    return trace_arg(value)
 
 
 # Answers that are part of normal operation, not worth a log line.

@@ -42,7 +42,8 @@ OPTIONS: dict[str, str] = {
     "metadata_timeout": "the same for requests that move no data (HEAD, LIST, DELETE), so a hung "
                         "store is noticed quickly (default 10)",
     "log_file": "where the daemon logs (default: cloudfs.log in the cache directory)",
-    "debug": "verbose logging",
+    "debug": "log every FUSE request and every request to the store (names and sizes; never file "
+             "contents, metadata values or credentials)",
     "metrics": "serve Prometheus metrics on HOST:PORT (e.g. 127.0.0.1:9105): requests by operation "
                "and result with latency, bytes up and down, cache hits/misses/evictions, dirty bytes, "
                "queued files",

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.mounting import CLOUDFS, Mount
@@ -172,3 +174,27 @@ def test_sync_with_the_store_down_exits_1_with_one_line(moto, tmp_path: Path) ->
         assert len(out.stderr.strip().splitlines()) == 1 and "1 file(s) could not be uploaded" in out.stderr
     finally:
         m.kill()
+
+
+@pytest.mark.backends("s3")
+def test_debug_log_traces_requests_without_contents_or_secrets(target: Target, tmp_path: Path) -> None:
+    """``-o debug``: one line per FUSE request and per request to the store, with names and
+    sizes, and never the file's bytes, an xattr's value or a credential."""
+    m = Mount(target, tmp_path / "mnt", tmp_path / "cache", {"debug": ""})
+    m.start()
+    try:
+        (m.path / "traced.txt").write_bytes(b"CONTENT-NOT-FOR-LOGS")
+        os.setxattr(m.path / "traced.txt", "user.note", b"XATTR-NOT-FOR-LOGS")
+        assert os.listdir(m.path) == ["traced.txt"]
+        m.stop()
+    finally:
+        m.kill()
+    log = (tmp_path / "cache" / "cloudfs.log").read_text(errors="replace")
+    assert "fuse create(" in log and "name='traced.txt'" in log
+    assert "fuse write(" in log and "buf=<20 bytes>" in log
+    assert re.search(r"put\('traced\.txt', <Payload>, <\d+ metadata keys>.*\) -> ok in", log), log[-3000:]
+    assert "list_page(" in log
+    secret = target.env["AWS_SECRET_ACCESS_KEY"]
+    for leak in ("CONTENT-NOT-FOR-LOGS", "XATTR-NOT-FOR-LOGS", f"={secret}", f"'{secret}'",
+                 "Signature", "Authorization", target.env["AWS_ACCESS_KEY_ID"] + "/"):
+        assert leak not in log, leak

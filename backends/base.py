@@ -288,6 +288,7 @@ class Backend:
         # requests saw it (each remembers the generation it was sent with).
         self._auth_lock = trio.Lock()
         self._auth_generation = 0
+        self.fixed_content_type: str | None = None  # -o content_type, else guessed per name
         self.offline_since: float | None = None  # wall time since when the store does not answer
         self._on_reachability: Callable[[bool], None] = _ignore_reachability
 
@@ -387,7 +388,10 @@ class Backend:
         """Release SDK clients and connection pools."""
 
     def content_type(self, key: str) -> str:
-        """The Content-Type a new object is stored with: guessed from its name."""
+        """The Content-Type a new object is stored with: ``-o content_type``, else guessed
+        from its name."""
+        if self.fixed_content_type:
+            return self.fixed_content_type
         guessed, _ = mimetypes.guess_type(key.rstrip("/"), strict=False)
         return guessed or "application/octet-stream"
 

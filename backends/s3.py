@@ -6,7 +6,20 @@ URL: ``s3://bucket[/prefix]``.  Options (``-o``):
   ``AWS_ENDPOINT_URL`` are honoured too, as boto3 does);
 * ``region=NAME``    -- the bucket's region (default: from the AWS config/env);
 * ``path_style[=1]`` -- path-style addressing (the default whenever an endpoint is set);
-* ``profile=NAME``   -- a profile from the shared AWS config/credentials files.
+* ``profile=NAME``   -- a profile from the shared AWS config/credentials files;
+* ``storage_class=NAME`` -- the storage class of every object written (STANDARD_IA, ...);
+* ``sse=s3|kms|c``   -- server-side encryption: S3-managed keys, KMS (``sse_kms_key_id=ID``,
+  else the account's default key), or a customer key read from ``sse_c_key_file=PATH`` (32
+  bytes, raw or base64; the file must not be readable by group or others).  With ``sse=c``
+  every object is read and written with that key;
+* ``acl=CANNED``     -- a canned ACL (private, public-read, bucket-owner-full-control, ...);
+* ``requester_pays`` -- send ``x-amz-request-payer: requester`` (buckets whose owner bills
+  the reader);
+* ``ca_bundle=PATH`` / ``tls_verify=0`` -- the CA certificates to trust for an https endpoint,
+  or no certificate check at all (a test endpoint with a self-signed certificate).
+
+Every request that takes one of these parameters gets it (PUT, copy, multipart create, part
+uploads, HEAD, GET, LIST, DELETE), so renames and multipart uploads keep them.
 
 Credentials come only from the standard AWS chain (environment, shared files, profiles,
 instance/container roles) and never appear in a URL, argv, log line or error message.
@@ -20,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
@@ -59,7 +73,14 @@ _TRANSIENT = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable",
               "BadDigest", "IncompleteBody", "XAmzContentSHA256Mismatch"}
 
 
-def _flag(value: str | None) -> bool | None:
+STORAGE_CLASSES = ("STANDARD", "REDUCED_REDUNDANCY", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING",
+                   "GLACIER", "DEEP_ARCHIVE", "OUTPOSTS", "GLACIER_IR", "SNOW", "EXPRESS_ONEZONE")
+CANNED_ACLS = ("private", "public-read", "public-read-write", "authenticated-read", "aws-exec-read",
+               "bucket-owner-read", "bucket-owner-full-control")
+SSE_MODES = {"s3": "AES256", "kms": "aws:kms", "c": "customer key"}
+
+
+def _flag(value: str | None, name: str = "path_style") -> bool | None:
     if value is None:
         return None
     v = value.strip().lower()
@@ -67,7 +88,83 @@ def _flag(value: str | None) -> bool | None:
         return True
     if v in ("0", "false", "no", "off"):
         return False
-    raise ConfigError(f"path_style takes 1/true or 0/false, not {value!r}")
+    raise ConfigError(f"{name} takes 1/true or 0/false, not {value!r}")
+
+
+def _choice(name: str, value: str | None, choices: tuple[str, ...]) -> str | None:
+    if value is None:
+        return None
+    if value not in choices:
+        raise ConfigError(f"-o {name}={value}: not one of {', '.join(choices)}")
+    return value
+
+
+def read_sse_c_key(path: str) -> bytes:
+    """The 32-byte SSE-C key in ``path`` (raw, or base64 on one line): a private file."""
+    import base64
+    import binascii
+
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            data = f.read(1024)
+    except OSError as exc:
+        raise ConfigError(f"-o sse_c_key_file={path}: {exc.strerror}") from None
+    if st.st_mode & 0o077:
+        raise ConfigError(f"-o sse_c_key_file={path}: readable by group or others (chmod 600 it)")
+    if len(data) == 32:
+        return data
+    try:
+        key = base64.b64decode(data.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) != 32:
+        raise ConfigError(f"-o sse_c_key_file={path}: not a 32-byte key (raw, or base64 on one line)")
+    return key
+
+
+@dataclass(frozen=True)
+class WriteSettings:
+    """How objects are stored and asked for: the S3 request parameters that mount options set."""
+
+    storage_class: str | None = None
+    sse: str | None = None  # a SSE_MODES key
+    sse_kms_key_id: str | None = None
+    sse_c_key: bytes | None = field(default=None, repr=False)
+    acl: str | None = None
+    requester_pays: bool = False
+
+    @classmethod
+    def from_options(cls, options: dict[str, str]) -> WriteSettings:
+        sse = _choice("sse", options.get("sse"), tuple(SSE_MODES))
+        if options.get("sse_kms_key_id") and sse != "kms":
+            raise ConfigError("-o sse_kms_key_id goes with -o sse=kms")
+        if (sse == "c") != bool(options.get("sse_c_key_file")):
+            raise ConfigError("-o sse=c needs -o sse_c_key_file=PATH (and the key file needs sse=c)")
+        return cls(storage_class=_choice("storage_class", options.get("storage_class"), STORAGE_CLASSES),
+                   sse=sse, sse_kms_key_id=options.get("sse_kms_key_id") or None,
+                   sse_c_key=read_sse_c_key(options["sse_c_key_file"]) if sse == "c" else None,
+                   acl=_choice("acl", options.get("acl"), CANNED_ACLS),
+                   requester_pays=bool(_flag(options.get("requester_pays"), "requester_pays")))
+
+    def parameters(self) -> dict[str, Any]:
+        """Every parameter these settings add, by its boto3 name; each operation takes the
+        ones its API has (see ``S3Backend._extra``)."""
+        out: dict[str, Any] = {}
+        if self.storage_class:
+            out["StorageClass"] = self.storage_class
+        if self.sse in ("s3", "kms"):
+            out["ServerSideEncryption"] = SSE_MODES[self.sse]
+        if self.sse_kms_key_id:
+            out["SSEKMSKeyId"] = self.sse_kms_key_id
+        if self.sse_c_key is not None:
+            out.update(SSECustomerAlgorithm="AES256", SSECustomerKey=self.sse_c_key,
+                       CopySourceSSECustomerAlgorithm="AES256", CopySourceSSECustomerKey=self.sse_c_key)
+        if self.acl:
+            out["ACL"] = self.acl
+        if self.requester_pays:
+            out["RequestPayer"] = "requester"
+        return out
 
 
 def _unquote(etag: str | None) -> str | None:
@@ -110,7 +207,9 @@ class S3Backend(Backend):
         part_copy=True,
         conditional_writes=True,
     )
-    options = frozenset({"endpoint", "region", "path_style", "profile"})
+    options = frozenset({"endpoint", "region", "path_style", "profile", "storage_class", "sse",
+                         "sse_kms_key_id", "sse_c_key_file", "acl", "requester_pays", "ca_bundle",
+                         "tls_verify"})
 
     # Objects larger than this are copied part by part (S3 refuses CopyObject above 5 GiB).
     max_single_copy: int = 5 * 1024**3
@@ -120,7 +219,8 @@ class S3Backend(Backend):
     def __init__(self, bucket: str, prefix: str = "", *, endpoint: str | None = None,
                  region: str | None = None, path_style: bool | None = None, profile: str | None = None,
                  max_connections: int = 16, retry: RetryPolicy | None = None,
-                 connect_timeout: float = 10.0, read_timeout: float = 60.0) -> None:
+                 connect_timeout: float = 10.0, read_timeout: float = 60.0,
+                 settings: WriteSettings | None = None, verify: bool | str | None = None) -> None:
         super().__init__(bucket, prefix, max_connections=max_connections, retry=retry)
         import boto3
         import botocore.config
@@ -162,21 +262,46 @@ class S3Backend(Backend):
             config_kw["response_checksum_validation"] = "when_required"
         try:
             self.client = session.client("s3", region_name=region or None, endpoint_url=endpoint or None,
-                                         config=botocore.config.Config(**config_kw))
+                                         config=botocore.config.Config(**config_kw), verify=verify)
         except ValueError as exc:  # bad endpoint or region string
             raise ConfigError(f"s3: invalid endpoint or region ({type(exc).__name__})") from None
         self.endpoint_url: str = self.client.meta.endpoint_url
         host = urlsplit(self.endpoint_url).hostname or ""
         self.custom_endpoint = custom or not host.endswith(("amazonaws.com", "amazonaws.com.cn"))
         self._botocore_exc = botocore.exceptions
+        self.settings = settings or WriteSettings()
+        self._extra = self._extra_parameters()
+
+    def _extra_parameters(self) -> dict[str, dict[str, Any]]:
+        """For each operation (boto3 method name), the settings' parameters its API takes."""
+        wanted = self.settings.parameters()
+        model = self.client.meta.service_model
+        out: dict[str, dict[str, Any]] = {}
+        for py_name, op_name in self.client.meta.method_to_api_mapping.items():
+            shape = model.operation_model(op_name).input_shape
+            members = shape.members if shape is not None else {}
+            extra = {k: v for k, v in wanted.items() if k in members}
+            if extra:
+                out[py_name] = extra
+        return out
 
     @classmethod
     def from_url(cls, netloc: str, path: str, options: dict[str, str]) -> S3Backend:
         if not netloc:
             raise ConfigError("s3:// URL needs a bucket: s3://bucket[/prefix]")
+        verify: bool | str | None = None
+        if options.get("ca_bundle"):
+            verify = os.path.abspath(options["ca_bundle"])
+            if not os.path.isfile(verify):
+                raise ConfigError(f"-o ca_bundle={options['ca_bundle']}: no such file")
+        if _flag(options.get("tls_verify"), "tls_verify") is False:
+            if verify is not None:
+                raise ConfigError("-o ca_bundle and -o tls_verify=0 contradict each other")
+            verify = False
         return cls(netloc, path.strip("/"), endpoint=options.get("endpoint") or None,
                    region=options.get("region") or None, path_style=_flag(options.get("path_style")),
-                   profile=options.get("profile") or None)
+                   profile=options.get("profile") or None, settings=WriteSettings.from_options(options),
+                   verify=verify)
 
     def describe(self) -> str:
         name = f"s3://{self.bucket}/{self.prefix}"
@@ -281,8 +406,10 @@ class S3Backend(Backend):
         return ""
 
     def _run(self, key: str | None, fn: Callable[..., T], **kw: Any) -> T:
+        """Call a client method with the settings' parameters (``_extra``) its API takes."""
+        extra = self._extra.get(getattr(fn, "__name__", ""))
         with self._about(key):
-            return fn(**kw)
+            return fn(**({**extra, **kw} if extra else kw))
 
     # ------------------------------------------------------------------ primitives
     def _check_bucket(self) -> None:
@@ -299,7 +426,7 @@ class S3Backend(Backend):
         # HEAD has no body, so a 403 does not tell bad credentials from missing permission.
         # A one-key listing carries the error code; it also works where HeadBucket is not allowed.
         try:
-            self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1, Prefix=self.prefix)
+            self._run(None, self.client.list_objects_v2, Bucket=self.bucket, MaxKeys=1, Prefix=self.prefix)
         except bexc.ClientError as exc:
             code = self._code(exc)
             if code in ("403", "AccessDenied"):
@@ -358,7 +485,7 @@ class S3Backend(Backend):
     def _put(self, key: str, payload: Payload, metadata: dict[str, str], if_match: str | None,
              if_none_match: bool) -> str:
         kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Metadata": metadata,
-                              "ContentLength": payload.size}
+                              "ContentLength": payload.size, "ContentType": self.content_type(key)}
         if if_match:
             kw["IfMatch"] = _quote(if_match)
         if if_none_match:
@@ -382,6 +509,7 @@ class S3Backend(Backend):
         else:
             kw["MetadataDirective"] = "REPLACE"
             kw["Metadata"] = metadata
+            kw["ContentType"] = self.content_type(dst)
         try:
             resp = self._run(src, self.client.copy_object, **kw)
         except self._botocore_exc.ClientError as exc:
@@ -462,7 +590,7 @@ class S3Backend(Backend):
 
     def _mpu_create(self, key: str, metadata: dict[str, str]) -> str:
         resp = self._run(key, self.client.create_multipart_upload, Bucket=self.bucket, Key=key,
-                         Metadata=metadata)
+                         Metadata=metadata, ContentType=self.content_type(key))
         return resp["UploadId"]
 
     def _mpu_part(self, key: str, upload_id: str, number: int, payload: Payload) -> str:

@@ -122,6 +122,7 @@ def prepare(url: str, mountpoint: str, option_text: list[str] | None) -> MountPl
     backend.retry = RetryPolicy(attempts=opts.retries, call_timeout=opts.timeout,
                                 metadata_timeout=opts.metadata_timeout)
     backend.limiter.total_tokens = opts.connections
+    backend.fixed_content_type = opts.content_type
     # systemd's CacheDirectory= sets $CACHE_DIRECTORY for the service.
     # The default cache dir is keyed on the store (endpoint included), not on the URL text.
     if opts.cache_dir:

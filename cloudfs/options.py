@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 
 import humanfriendly
@@ -41,6 +42,8 @@ OPTIONS: dict[str, str] = {
     "timeout": "seconds one request may take before it counts as failed (default 120)",
     "metadata_timeout": "the same for requests that move no data (HEAD, LIST, DELETE), so a hung "
                         "store is noticed quickly (default 10)",
+    "content_type": "the Content-Type of every object written: `auto` (the default: from the name's "
+                    "extension, as web servers do) or one fixed type for all, e.g. application/octet-stream",
     "log_file": "where the daemon logs (default: cloudfs.log in the cache directory)",
     "debug": "log every FUSE request and every request to the store (names and sizes; never file "
              "contents, metadata values or credentials)",
@@ -86,6 +89,7 @@ class MountOptions:
     log_file: str | None = None
     debug: bool = False
     metrics: str | None = None  # HOST:PORT
+    content_type: str | None = None  # None: guessed from each name
     nonempty: bool = False
     atime: str | None = None  # noatime or relatime (the kernel's default)
     noexec: bool = False
@@ -169,6 +173,17 @@ def _check_backend_option(name: str, value: str) -> None:
         raise ConfigError(f"-o endpoint={value}: not an http(s):// URL")
 
 
+_MEDIA_TYPE = re.compile(r"[A-Za-z0-9][\w.+-]*/[A-Za-z0-9][\w.+-]*(;[ -~]*)?")
+
+
+def _content_type(value: str) -> str | None:
+    if value == "auto":
+        return None
+    if not _MEDIA_TYPE.fullmatch(value):
+        raise ConfigError(f"-o content_type={value}: not auto nor a media type like text/plain")
+    return value
+
+
 def parse(options: dict[str, str], backend_options: frozenset[str]) -> MountOptions:
     """Parse and check every option; a bad one is a ConfigError naming it (exit code 2)."""
     m = MountOptions()
@@ -202,6 +217,8 @@ def parse(options: dict[str, str], backend_options: frozenset[str]) -> MountOpti
         elif name == "metrics":
             parse_address(value)
             m.metrics = value
+        elif name == "content_type":
+            m.content_type = _content_type(value)
         elif name in backend_options:
             _check_backend_option(name, value)
             m.backend[name] = value
@@ -284,7 +301,9 @@ def markdown_table() -> str:
                       "(`python -m cloudfs.options > docs/options.md`); "
                       "`cloudfs mount --help` shows the same.",
                       "", "| option | meaning |", "|---|---|", *rows, "",
-                      "Backend options: `endpoint`, `region`, `path_style`, `profile` (s3); `endpoint` (az); "
+                      "Backend options: `endpoint`, `region`, `path_style`, `profile`, `storage_class`, "
+                      "`sse`, `sse_kms_key_id`, `sse_c_key_file`, `acl`, `requester_pays`, `ca_bundle`, "
+                      "`tls_verify` (s3, described in `backends/s3.py`); `endpoint` (az); "
                       "`endpoint`, `project`, `anonymous` (gs); `endpoint`, `b2_hard_delete` (b2).", ""])
 
 

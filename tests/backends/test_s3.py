@@ -364,3 +364,132 @@ def test_options(backend_name: str, target: Target) -> None:
         open_backend(target.url, {"access_key": "x"})
     with pytest.raises(ConfigError):
         open_backend("s3:///prefix-only")
+
+
+def record_headers(backend: S3Backend) -> list[tuple[str, dict[str, str]]]:
+    """(operation, request headers) of every request the backend sends from now on."""
+    sent: list[tuple[str, dict[str, str]]] = []
+
+    def record(request: Any, event_name: str, **_: Any) -> None:
+        sent.append((event_name.rsplit(".", 1)[-1], {k.lower(): v.decode() if isinstance(v, bytes) else v
+                                                     for k, v in request.headers.items()}))
+
+    backend.client.meta.events.register("before-send.s3", record)
+    return sent
+
+
+def test_write_settings_reach_every_object(backend_name: str, target: Target) -> None:
+    """storage_class, sse=s3 and acl go on PUT, multipart create and copy (a rename), and the
+    Content-Type follows the name."""
+    b = open_backend(target.url, {"storage_class": "STANDARD_IA", "sse": "s3", "acl": "public-read"})
+    assert isinstance(b, S3Backend)
+    bucket = target.extra["bucket"]
+    try:
+        run(b.put, "site/index.html", Payload.from_bytes(b"<html/>"), {"mode": "33188"})
+
+        async def multipart() -> None:
+            uid = await b.mpu_create("big.jpg", {})
+            part = await b.mpu_part("big.jpg", uid, 1, Payload.from_bytes(b"j" * 100))
+            await b.mpu_complete("big.jpg", uid, [part])
+
+        run(multipart)
+        run(b.copy, "site/index.html", "site/moved.txt", {"mode": "33188"})
+        run(b.copy, "big.jpg", "kept.bin")  # metadata kept: so is the Content-Type
+    finally:
+        b.close()
+    expected = {"site/index.html": "text/html", "big.jpg": "image/jpeg", "site/moved.txt": "text/plain",
+                "kept.bin": "image/jpeg"}
+    for key, content_type in expected.items():
+        head = target.sdk.head_object(Bucket=bucket, Key=key)
+        assert head.get("StorageClass") == "STANDARD_IA", key
+        assert head.get("ServerSideEncryption") == "AES256", key
+        assert head["ContentType"] == content_type, key
+        grants = target.sdk.get_object_acl(Bucket=bucket, Key=key)["Grants"]
+        assert any(g["Grantee"].get("URI", "").endswith("/AllUsers") and g["Permission"] == "READ"
+                   for g in grants), key
+
+
+def test_requester_pays_and_customer_key_go_on_every_request(backend_name: str, target: Target,
+                                                             tmp_path: Path) -> None:
+    """moto neither bills nor encrypts, so this checks what is sent: the request-payer header
+    on every request, the SSE-C key (as its MD5) on every one that reads or writes data."""
+    import base64
+    import hashlib
+
+    key = os.urandom(32)
+    key_file = tmp_path / "sse.key"
+    key_file.write_bytes(base64.b64encode(key) + b"\n")
+    key_file.chmod(0o600)
+    b = open_backend(target.url, {"requester_pays": "", "sse": "c", "sse_c_key_file": str(key_file)})
+    assert isinstance(b, S3Backend)
+    sent = record_headers(b)
+    try:
+        run(b.put, "enc", Payload.from_bytes(b"secret data"), {})
+        assert run(b.get_range, "enc") == b"secret data"
+        run(b.head, "enc")
+        run(b.copy, "enc", "enc2", {"mode": "33188"})
+        run(b.list_page, "", None)
+        run(b.delete, "enc2")
+    finally:
+        b.close()
+    md5 = base64.b64encode(hashlib.md5(key).digest()).decode()
+    ops = [op for op, _ in sent]
+    assert {"PutObject", "GetObject", "HeadObject", "CopyObject", "ListObjectsV2", "DeleteObject"} <= set(ops)
+    for op, headers in sent:
+        assert headers.get("x-amz-request-payer") == "requester", op
+        if op in ("PutObject", "GetObject", "HeadObject", "CopyObject"):
+            assert headers["x-amz-server-side-encryption-customer-algorithm"] == "AES256", op
+            assert headers["x-amz-server-side-encryption-customer-key-md5"] == md5, op
+        if op == "CopyObject":
+            assert headers["x-amz-copy-source-server-side-encryption-customer-key-md5"] == md5
+    assert repr(key) not in repr(b.settings)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"storage_class": "COLD"}, "storage_class=COLD: not one of"),
+    ({"acl": "everyone"}, "acl=everyone: not one of"),
+    ({"sse": "aes"}, "sse=aes: not one of"),
+    ({"sse": "c"}, "sse=c needs -o sse_c_key_file"),
+    ({"sse_kms_key_id": "k"}, "sse_kms_key_id goes with -o sse=kms"),
+    ({"requester_pays": "maybe"}, "requester_pays takes"),
+    ({"ca_bundle": "/nonexistent/ca.pem"}, "no such file"),
+    ({"tls_verify": "perhaps"}, "tls_verify takes"),
+])
+def test_bad_write_settings_are_config_errors(backend_name: str, target: Target, options: dict[str, str],
+                                              message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        open_backend(target.url, options)
+
+
+def test_customer_key_file_must_be_private_and_32_bytes(backend_name: str, target: Target,
+                                                        tmp_path: Path) -> None:
+    key_file = tmp_path / "k"
+    key_file.write_bytes(os.urandom(32))
+    key_file.chmod(0o644)
+    with pytest.raises(ConfigError, match="readable by group or others"):
+        open_backend(target.url, {"sse": "c", "sse_c_key_file": str(key_file)})
+    key_file.chmod(0o600)
+    key_file.write_bytes(b"too short")
+    with pytest.raises(ConfigError, match="not a 32-byte key") as err:
+        open_backend(target.url, {"sse": "c", "sse_c_key_file": str(key_file)})
+    assert "too short" not in str(err.value)
+
+
+def test_tls_options_reach_the_client(backend_name: str, target: Target, tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    for options, verify in (({"ca_bundle": str(ca)}, str(ca)), ({"tls_verify": "0"}, False)):
+        b = open_backend(target.url, options)
+        assert isinstance(b, S3Backend)
+        try:
+            assert b.client._endpoint.http_session._verify == verify
+        finally:
+            b.close()
+
+
+def test_fixed_content_type(backend: Any, target: Target) -> None:
+    """-o content_type=TYPE (the daemon sets ``fixed_content_type``) replaces the guess."""
+    backend.fixed_content_type = "application/octet-stream"
+    run(backend.put, "page.html", Payload.from_bytes(b"<p/>"), {})
+    head = target.sdk.head_object(Bucket=target.extra["bucket"], Key="page.html")
+    assert head["ContentType"] == "application/octet-stream"

@@ -238,3 +238,27 @@ def test_foreign_metadata_survives_chmod(mnt: Mount, raw: Raw) -> None:
     _, meta = raw.get("keep")
     assert meta["owner_note"] == "from another tool"
     assert int(meta["mode"]) == stat.S_IFREG | 0o600
+
+
+@pytest.mark.backends("s3")
+def test_s3_write_options_through_the_mount(target: Target, tmp_path: Path) -> None:
+    """-o storage_class and acl reach every object the mount writes, renames included, and the
+    Content-Type follows the name (a bucket served as a website works)."""
+    m = Mount(target, tmp_path / "mnt", tmp_path / "cache", {"storage_class": "STANDARD_IA",
+                                                            "acl": "public-read"})
+    m.start()
+    try:
+        (m.path / "page.html").write_bytes(b"<p>hi</p>")
+        (m.path / "photo.jpg").write_bytes(b"\xff\xd8")
+        m.stop()
+        m.start()
+        os.rename(m.path / "page.html", m.path / "index.html")
+        m.stop()
+    finally:
+        m.kill()
+    bucket = target.extra["bucket"]
+    for key, content_type in (("index.html", "text/html"), ("photo.jpg", "image/jpeg")):
+        head = target.sdk.head_object(Bucket=bucket, Key=key)
+        assert (head.get("StorageClass"), head["ContentType"]) == ("STANDARD_IA", content_type), key
+        grants = target.sdk.get_object_acl(Bucket=bucket, Key=key)["Grants"]
+        assert any(g["Grantee"].get("URI", "").endswith("/AllUsers") for g in grants), key

@@ -60,6 +60,7 @@ BAD_VALUES: dict[str, list[tuple[str, str]]] = {
     "file_mode": [("rw", "not an octal mode"), ("1777", "0 to 0777")],
     "dir_mode": [("-1", "0 to 0777")],
     "metrics": [("nonsense", "expected HOST:PORT"), ("127.0.0.1:99999", "expected HOST:PORT")],
+    "content_type": [("html", "not auto nor a media type"), ("", "not auto nor a media type")],
 }
 
 
@@ -69,6 +70,12 @@ BACKEND_BAD_VALUES: list[tuple[str, str, str]] = [
     ("s3://bucket", "endpoint=s3.example.com", "http(s):// URL"),
     ("s3://bucket", "path_style=maybe", "path_style=maybe"),
     ("s3://bucket", "profile=no-such-profile-here", "no-such-profile-here"),
+    ("s3://bucket", "storage_class=COLD", "storage_class=COLD: not one of"),
+    ("s3://bucket", "sse=c", "sse=c needs -o sse_c_key_file"),
+    ("s3://bucket", "sse=c,sse_c_key_file=/nonexistent/key", "sse_c_key_file=/nonexistent/key"),
+    ("s3://bucket", "acl=everyone", "acl=everyone: not one of"),
+    ("s3://bucket", "requester_pays=maybe", "requester_pays takes"),
+    ("s3://bucket", "ca_bundle=/nonexistent/ca.pem", "no such file"),
     ("gs://bucket", "endpoint=localhost:4443", "http(s):// URL"),
     ("gs://bucket", "anonymous=perhaps", "anonymous=perhaps"),
     ("az://acct/container", "endpoint=blob.example.com", "http(s):// URL"),

@@ -62,7 +62,18 @@ from enum import Enum
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
-from .base import Backend, Capabilities, ListPage, ObjectInfo, PartInfo, Payload, RetryPolicy
+from .base import (
+    TLS_OPTIONS,
+    Backend,
+    Capabilities,
+    ListPage,
+    ObjectInfo,
+    PartInfo,
+    Payload,
+    RetryPolicy,
+    requests_adapter,
+    tls_verify,
+)
 from .errors import (
     AlreadyExists,
     AuthenticationFailed,
@@ -254,11 +265,12 @@ class AzureBackend(Backend):
         part_copy=False,
         conditional_writes=True,
     )
-    options = frozenset({"endpoint"})
+    options = frozenset({"endpoint"}) | TLS_OPTIONS
 
     def __init__(self, account: str, container: str, prefix: str = "", *, endpoint: str | None = None,
                  credential: Any = None, max_connections: int = 16, retry: RetryPolicy | None = None,
-                 connection_timeout: float = 20.0, read_timeout: float = 60.0) -> None:
+                 connection_timeout: float = 20.0, read_timeout: float = 60.0, verify: bool | str = True
+                 ) -> None:
         super().__init__(bucket=container, prefix=prefix, max_connections=max_connections, retry=retry)
         import requests
         from azure.core.pipeline.transport import RequestsTransport
@@ -270,11 +282,10 @@ class AzureBackend(Backend):
         self._uses_sas = isinstance(credential, str)
         self._uses_key = isinstance(credential, dict)
         session = requests.Session()
-        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=max_connections + 4,
-                                                max_retries=0)
+        adapter = requests_adapter(max_connections + 4)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
-        transport = RequestsTransport(session=session, session_owner=True,
+        transport = RequestsTransport(session=session, session_owner=True, connection_verify=verify,
                                       connection_timeout=connection_timeout, read_timeout=read_timeout)
         # base.py retries; the SDK must not retry on its own as well.
         self._service = BlobServiceClient(self.endpoint, credential=credential, transport=transport,
@@ -296,7 +307,8 @@ class AzureBackend(Backend):
             raise ConfigError(f"{container!r} is not a valid Azure container name (3-63 characters: "
                               "lowercase letters, digits and single hyphens)")
         endpoint, credential = resolve_credentials(account, options.get("endpoint"))
-        return cls(account, container, prefix, endpoint=endpoint, credential=credential)
+        return cls(account, container, prefix, endpoint=endpoint, credential=credential,
+                   verify=tls_verify(options))
 
     def describe(self) -> str:
         name = f"az://{self.account}/{self.container}/{self.prefix}"

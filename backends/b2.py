@@ -60,7 +60,17 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
-from .base import Backend, Capabilities, ListPage, ObjectInfo, PartInfo, Payload
+from .base import (
+    TLS_OPTIONS,
+    Backend,
+    Capabilities,
+    ListPage,
+    ObjectInfo,
+    PartInfo,
+    Payload,
+    requests_adapter,
+    tls_verify,
+)
 from .errors import (
     AuthenticationFailed,
     BackendError,
@@ -172,14 +182,14 @@ class B2Backend(Backend):
         part_copy=True,
         conditional_writes=True,
     )
-    options = frozenset({"endpoint", "b2_hard_delete"})
+    options = frozenset({"endpoint", "b2_hard_delete"}) | TLS_OPTIONS
 
     # Files larger than this are copied as a large file of parts (B2's b2_copy_file limit).
     max_single_copy: int = 5 * 1000 * MB
     copy_part_size: int = 100 * MB
 
     def __init__(self, bucket: str, prefix: str = "", *, key_id: str, key: str, realm: str | None = None,
-                 hard_delete: bool = False, **kw: Any) -> None:
+                 hard_delete: bool = False, verify: bool | str = True, **kw: Any) -> None:
         super().__init__(bucket, prefix, **kw)
         from b2sdk.v2 import B2RawHTTPApi
 
@@ -189,9 +199,9 @@ class B2Backend(Backend):
         self._key_id = key_id
         self._key = key
         self._http = _one_try_http()
-        size = max(self.limiter.total_tokens, 10) + 4
-        for adapter in self._http.session.adapters.values():
-            adapter.init_poolmanager(size, size)
+        adapter = requests_adapter(max(int(self.limiter.total_tokens), 10) + 4, verify)
+        for scheme in ("https://", "http://"):
+            self._http.session.mount(scheme, adapter)
         self._raw = B2RawHTTPApi(self._http)
         self._lock = threading.Lock()  # guards _session, the upload URL pools and the state file
         self._session: _Session | None = None
@@ -209,7 +219,8 @@ class B2Backend(Backend):
         hard = options.get("b2_hard_delete")
         return cls(netloc, path.strip("/"), key_id=key_id, key=key,
                    realm=options.get("endpoint") or cli_realm,
-                   hard_delete=hard is not None and hard.lower() not in ("0", "false", "no", "off"))
+                   hard_delete=hard is not None and hard.lower() not in ("0", "false", "no", "off"),
+                   verify=tls_verify(options))
 
     def describe(self) -> str:
         name = f"b2://{self.bucket}/{self.prefix}"

@@ -23,7 +23,9 @@ import itertools
 import logging
 import mimetypes
 import os
+import ssl
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar, cast
@@ -91,6 +93,71 @@ class ListPage:
 class PartInfo:
     number: int  # 1-based
     etag: str
+
+
+# Mount options every network store takes: the CA certificates to trust, or no check at all.
+TLS_OPTIONS = frozenset({"ca_bundle", "tls_verify"})
+
+
+def tls_verify(options: dict[str, str]) -> bool | str:
+    """What ``-o ca_bundle=PATH`` / ``-o tls_verify=0`` ask for, as requests and botocore
+    take it: True (the system's CAs), a CA bundle path, or False (no certificate check)."""
+    bundle = options.get("ca_bundle")
+    check = options.get("tls_verify")
+    if check is not None and check.strip().lower() not in ("", "1", "true", "yes", "on", "0", "false",
+                                                            "no", "off"):
+        raise ConfigError(f"tls_verify takes 1/true or 0/false, not {check!r}")
+    off = check is not None and check.strip().lower() in ("0", "false", "no", "off")
+    if bundle:
+        if off:
+            raise ConfigError("-o ca_bundle and -o tls_verify=0 contradict each other")
+        path = os.path.abspath(bundle)
+        if not os.path.isfile(path):
+            raise ConfigError(f"-o ca_bundle={bundle}: no such file")
+        return path
+    if off:
+        # Asked for: urllib3's warning on every request would only flood the log.
+        import urllib3
+
+        warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
+        log.warning("TLS certificate checks are off (-o tls_verify=0)")
+    return not off
+
+
+def requests_adapter(pool_maxsize: int, verify: bool | str = True) -> Any:
+    """A requests ``HTTPAdapter`` with a pool of ``pool_maxsize``, no retries of its own (the
+    base class retries) and, when ``verify`` is not the default, that TLS setting on every
+    request: requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override a session's own
+    ``verify``, and an explicit mount option must win over the environment."""
+    import requests
+
+    setting = verify
+
+    class Adapter(requests.adapters.HTTPAdapter):
+        def send(self, request: Any, stream: bool = False, timeout: Any = None, verify: bool | str = True,
+                 cert: Any = None, proxies: Any = None) -> Any:
+            return super().send(request, stream=stream, timeout=timeout,
+                                verify=setting if setting is not True else verify, cert=cert, proxies=proxies)
+
+    return Adapter(pool_connections=4, pool_maxsize=pool_maxsize, max_retries=0)
+
+
+def untrusted_certificate(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from a TLS certificate check that failed, however deep the SDK
+    wrapped it (requests and botocore keep the ssl error as a cause, a reason or an argument;
+    azure-core as its ``inner_exception``)."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo and len(seen) < 50:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return True
+        todo.extend([e.__cause__, e.__context__, getattr(e, "reason", None),
+                     getattr(e, "inner_exception", None), *e.args])
+    return False
 
 
 def trace_arg(value: object) -> str:
@@ -415,6 +482,10 @@ class Backend:
         except BackendError:
             raise
         except Exception as exc:
+            if untrusted_certificate(exc):
+                raise ConfigError(f"{self.describe()}: the server's TLS certificate is not trusted; pass "
+                                  "-o ca_bundle=PATH (its CA), or -o tls_verify=0 for a test server"
+                                  ) from None
             mapped = self._translate(exc)
             if mapped is None:
                 raise

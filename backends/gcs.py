@@ -48,7 +48,17 @@ from google.api_core import exceptions as gexc
 from google.auth import exceptions as auth_exc
 from google.cloud import storage
 
-from .base import Backend, Capabilities, ListPage, ObjectInfo, PartInfo, Payload
+from .base import (
+    TLS_OPTIONS,
+    Backend,
+    Capabilities,
+    ListPage,
+    ObjectInfo,
+    PartInfo,
+    Payload,
+    requests_adapter,
+    tls_verify,
+)
 from .errors import (
     AuthenticationFailed,
     BackendError,
@@ -95,16 +105,15 @@ class GCSBackend(Backend):
         part_copy=False,
         conditional_writes=True,
     )
-    options = frozenset({"anonymous", "endpoint", "project"})
+    options = frozenset({"anonymous", "endpoint", "project"}) | TLS_OPTIONS
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint: str | None = None,
-                 project: str | None = None, anonymous: bool = False, **kw: Any) -> None:
+                 project: str | None = None, anonymous: bool = False, verify: bool | str = True,
+                 **kw: Any) -> None:
         super().__init__(bucket, prefix, **kw)
         self.endpoint = endpoint
         self.client = _make_client(endpoint, project, anonymous)
-        pool = requests.adapters.HTTPAdapter(pool_connections=4,
-                                             pool_maxsize=int(self.limiter.total_tokens) + DELETE_WORKERS,
-                                             max_retries=0)
+        pool = requests_adapter(int(self.limiter.total_tokens) + DELETE_WORKERS, verify)
         self.client._http.mount("https://", pool)
         self.client._http.mount("http://", pool)
         self._bucket = self.client.bucket(bucket)
@@ -119,7 +128,8 @@ class GCSBackend(Backend):
                               "'-', '_' and '.'; 3 to 63 characters per dot-separated part)")
         anonymous = options.get("anonymous", "false").lower() not in ("0", "false", "no", "off")
         return cls(netloc, path.strip("/"), endpoint=options.get("endpoint") or None,
-                   project=options.get("project") or None, anonymous=anonymous)
+                   project=options.get("project") or None, anonymous=anonymous,
+                   verify=tls_verify(options))
 
     def describe(self) -> str:
         where = f" at {self.endpoint}" if self.endpoint else ""

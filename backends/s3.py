@@ -16,7 +16,7 @@ URL: ``s3://bucket[/prefix]``.  Options (``-o``):
 * ``requester_pays`` -- send ``x-amz-request-payer: requester`` (buckets whose owner bills
   the reader);
 * ``ca_bundle=PATH`` / ``tls_verify=0`` -- the CA certificates to trust for an https endpoint,
-  or no certificate check at all (a test endpoint with a self-signed certificate).
+  or no certificate check at all (every network store takes these, see ``base.tls_verify``).
 
 Every request that takes one of these parameters gets it (PUT, copy, multipart create, part
 uploads, HEAD, GET, LIST, DELETE), so renames and multipart uploads keep them.
@@ -37,7 +37,17 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
-from .base import Backend, Capabilities, ListPage, ObjectInfo, PartInfo, Payload, RetryPolicy
+from .base import (
+    TLS_OPTIONS,
+    Backend,
+    Capabilities,
+    ListPage,
+    ObjectInfo,
+    PartInfo,
+    Payload,
+    RetryPolicy,
+    tls_verify,
+)
 from .errors import (
     AuthenticationFailed,
     BackendError,
@@ -208,8 +218,7 @@ class S3Backend(Backend):
         conditional_writes=True,
     )
     options = frozenset({"endpoint", "region", "path_style", "profile", "storage_class", "sse",
-                         "sse_kms_key_id", "sse_c_key_file", "acl", "requester_pays", "ca_bundle",
-                         "tls_verify"})
+                         "sse_kms_key_id", "sse_c_key_file", "acl", "requester_pays"}) | TLS_OPTIONS
 
     # Objects larger than this are copied part by part (S3 refuses CopyObject above 5 GiB).
     max_single_copy: int = 5 * 1024**3
@@ -220,7 +229,7 @@ class S3Backend(Backend):
                  region: str | None = None, path_style: bool | None = None, profile: str | None = None,
                  max_connections: int = 16, retry: RetryPolicy | None = None,
                  connect_timeout: float = 10.0, read_timeout: float = 60.0,
-                 settings: WriteSettings | None = None, verify: bool | str | None = None) -> None:
+                 settings: WriteSettings | None = None, verify: bool | str = True) -> None:
         super().__init__(bucket, prefix, max_connections=max_connections, retry=retry)
         import boto3
         import botocore.config
@@ -289,19 +298,10 @@ class S3Backend(Backend):
     def from_url(cls, netloc: str, path: str, options: dict[str, str]) -> S3Backend:
         if not netloc:
             raise ConfigError("s3:// URL needs a bucket: s3://bucket[/prefix]")
-        verify: bool | str | None = None
-        if options.get("ca_bundle"):
-            verify = os.path.abspath(options["ca_bundle"])
-            if not os.path.isfile(verify):
-                raise ConfigError(f"-o ca_bundle={options['ca_bundle']}: no such file")
-        if _flag(options.get("tls_verify"), "tls_verify") is False:
-            if verify is not None:
-                raise ConfigError("-o ca_bundle and -o tls_verify=0 contradict each other")
-            verify = False
         return cls(netloc, path.strip("/"), endpoint=options.get("endpoint") or None,
                    region=options.get("region") or None, path_style=_flag(options.get("path_style")),
                    profile=options.get("profile") or None, settings=WriteSettings.from_options(options),
-                   verify=verify)
+                   verify=tls_verify(options))
 
     def describe(self) -> str:
         name = f"s3://{self.bucket}/{self.prefix}"

@@ -63,7 +63,16 @@ from dataclasses import dataclass, replace
 from typing import Any, BinaryIO
 from urllib.parse import quote, urlsplit
 
-from .base import Backend, Capabilities, ListPage, ObjectInfo, PartInfo, Payload
+from .base import (
+    TLS_OPTIONS,
+    Backend,
+    Capabilities,
+    ListPage,
+    ObjectInfo,
+    PartInfo,
+    Payload,
+    tls_verify,
+)
 from .errors import (
     AuthenticationFailed,
     BackendError,
@@ -113,12 +122,18 @@ class Session:
 
 
 # ---------------------------------------------------------------------- authentication
+def connection_tls(verify: bool | str) -> dict[str, Any]:
+    """swiftclient's ``http_connection`` arguments for a ``tls_verify`` value."""
+    return {"insecure": verify is False, "cacert": verify if isinstance(verify, str) else None}
+
+
 class Auth:
     """How to obtain a :class:`Session`, chosen from the environment by OpenStack's order."""
 
     kind = ""
     renewable = True
     url = ""  # where authentication (or, pre-authenticated, storage) lives: names the cluster
+    verify: bool | str = True  # -o ca_bundle / tls_verify, for auth and storage requests alike
 
     def login(self) -> Session:
         raise NotImplementedError
@@ -149,7 +164,7 @@ class V1Auth(Auth):
     def login(self) -> Session:
         from swiftclient.client import http_connection
 
-        parsed, conn = http_connection(self.url, timeout=TIMEOUT)
+        parsed, conn = http_connection(self.url, timeout=TIMEOUT, **connection_tls(self.verify))
         try:
             conn.request("GET", parsed.path, "", {"X-Auth-User": self.user, "X-Auth-Key": self._key})
             resp = conn.getresponse()
@@ -211,7 +226,7 @@ class KeystoneAuth(Auth):
         args: dict[str, Any] = {k: v for k, v in self._args.items() if v}
         plugin = (v3.ApplicationCredential if self.method == "application-credential" else v3.Password)(
             auth_url=self.auth_url, **args)
-        sess = ks_session.Session(auth=plugin, timeout=TIMEOUT)
+        sess = ks_session.Session(auth=plugin, timeout=TIMEOUT, verify=self.verify)
         try:
             token = sess.get_token()
             url = sess.get_endpoint(service_type="object-store", interface=self.interface,
@@ -309,7 +324,7 @@ class SwiftBackend(Backend):
         part_copy=False,
         conditional_writes=True,
     )
-    options: frozenset[str] = frozenset()
+    options: frozenset[str] = TLS_OPTIONS
 
     def __init__(self, container: str, prefix: str = "", *, auth: Auth | None = None, **kw: Any) -> None:
         super().__init__(container, prefix, **kw)
@@ -335,7 +350,10 @@ class SwiftBackend(Backend):
             raise ConfigError("swift:// URL needs a container: swift://CONTAINER[/prefix]")
         if len(container.encode()) > 256 - len("_segments"):
             raise ConfigError(f"container name {container!r} is too long for Swift")
-        return cls(container, path.strip("/"))
+        verify = tls_verify(options)
+        auth = Auth.from_env()
+        auth.verify = verify
+        return cls(container, path.strip("/"), auth=auth)
 
     def describe(self) -> str:
         """The container and the cluster (its auth URL's host), so two clusters' containers of
@@ -379,7 +397,7 @@ class SwiftBackend(Backend):
         if conns is None:
             conns = self._local.conns = {}
         if url not in conns:
-            conns[url] = http_connection(url, timeout=TIMEOUT)
+            conns[url] = http_connection(url, timeout=TIMEOUT, **connection_tls(self.auth.verify))
         return conns[url]
 
     def _request(self, method: str, path: str, *, query: str = "", headers: dict[str, str] | None = None,

@@ -301,9 +301,10 @@ def markdown_table() -> str:
                       "(`python -m cloudfs.options > docs/options.md`); "
                       "`cloudfs mount --help` shows the same.",
                       "", "| option | meaning |", "|---|---|", *rows, "",
-                      "Backend options: `endpoint`, `region`, `path_style`, `profile`, `storage_class`, "
-                      "`sse`, `sse_kms_key_id`, `sse_c_key_file`, `acl`, `requester_pays`, `ca_bundle`, "
-                      "`tls_verify` (s3, described in `backends/s3.py`); `endpoint` (az); "
+                      "Backend options: `ca_bundle=PATH` (the CAs to trust) and `tls_verify=0` (no "
+                      "certificate check, for test servers) on every network store; `endpoint`, `region`, "
+                      "`path_style`, `profile`, `storage_class`, `sse`, `sse_kms_key_id`, `sse_c_key_file`, "
+                      "`acl`, `requester_pays` (s3, described in `backends/s3.py`); `endpoint` (az); "
                       "`endpoint`, `project`, `anonymous` (gs); `endpoint`, `b2_hard_delete` (b2).", ""])
 
 

@@ -82,6 +82,9 @@ BACKEND_BAD_VALUES: list[tuple[str, str, str]] = [
     ("b2://bucket-name", "endpoint=nowhere", "http(s):// URL"),
     ("b2://bucket-name", "b2_hard_delete=sometimes", "b2_hard_delete=sometimes"),
     ("swift://container", "endpoint=http://x", "unknown mount option"),
+    ("swift://container", "tls_verify=perhaps", "tls_verify takes"),
+    ("gs://bucket", "ca_bundle=/nonexistent/ca.pem", "no such file"),
+    ("az://acct/container", "ca_bundle=/etc/cloudfs-ca.pem,tls_verify=0", "contradict"),
 ]
 
 

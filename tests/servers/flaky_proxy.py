@@ -7,13 +7,15 @@ set, is called with that entry in the handler's thread before it is forwarded: a
 can hold a request there (a slow store) until it has done what it wants meanwhile.
 After ``hang()``, requests are accepted and never answered (a hung store) until the proxy
 closes; between ``down()`` and ``up()`` each connection is dropped without an answer (a
-store gone away).
+store gone away).  With ``tls`` (a server-side SSL context) it speaks HTTPS to its clients and
+plain HTTP to the upstream: a store behind a certificate of the test's own CA.
 """
 
 from __future__ import annotations
 
 import http.client
 import itertools
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +37,7 @@ class Request:
 
 class FlakyProxy:
     def __init__(self, upstream_port: int, fail_every: int = 3,
-                 before: Callable[[Request], None] | None = None) -> None:
+                 before: Callable[[Request], None] | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.upstream_port = upstream_port
         self.fail_every = fail_every
         self.before = before
@@ -91,7 +93,7 @@ class FlakyProxy:
                     pass  # the client is gone (a test killed it)
 
             def _reply(self, resp: http.client.HTTPResponse, data: bytes) -> None:
-                self.send_response(resp.status)
+                self.send_response_only(resp.status)  # the upstream's Date and Server, not ours too
                 for k, v in resp.getheaders():
                     if k.lower() not in ("content-length", "transfer-encoding", "connection"):
                         self.send_header(k, v)
@@ -106,6 +108,8 @@ class FlakyProxy:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def hang(self) -> None:

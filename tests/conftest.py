@@ -30,6 +30,24 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "backends(*names): run only on these backends")
 
 
+# `make test` runs the tests in two pytest-xdist workers (`-n 2 --dist loadgroup`); each worker
+# starts the servers its tests need.  A group below runs whole on one worker:
+# * "swift": the Swift cluster takes by far the longest to start (rings, four servers and
+#   memcached), so one worker starts it, once;
+# * "host": the tests that change the machine itself (mount(8) helpers in /sbin, a private
+#   systemd, `make install` and wheel builds from the checkout) run one at a time.
+HOST_WIDE = ("tests/systemd/test_mount8.py", "tests/systemd/test_private_systemd.py", "tests/packaging/")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("backend_name") == "swift":
+            item.add_marker(pytest.mark.xdist_group("swift"))
+        elif item.nodeid.startswith(HOST_WIDE) or item.get_closest_marker("systemd"):
+            item.add_marker(pytest.mark.xdist_group("host"))
+
 
 @pytest.fixture(scope="session")
 def started_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Any]]:

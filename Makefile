@@ -36,10 +36,11 @@ demo: runtime
 demo-stop:
 	$(VENV)/bin/cloudfs umount "$(DEMO_MNT)"
 
-# Install everything (apt, Python deps, test servers), lint, then run every test tier.
+# Install everything (apt, Python deps, test servers), lint, then run every test tier in two
+# pytest-xdist workers (tests/conftest.py: which tests share a worker).
 test: deps
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -ra
+	$(VENV)/bin/pytest -ra -n 2 --dist loadgroup
 
 test-fast:
 	CLOUDFS_TEST_BACKENDS=local $(VENV)/bin/pytest -q -x

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,54 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "backends(*names): run only on these backends")
 
 
+# `make test` runs the tests in two pytest-xdist workers (`-n 2 --dist loadgroup`); each worker
+# starts the servers its tests need.  A group below runs whole on one worker:
+# * "swift": the Swift cluster takes by far the longest to start (rings, four servers and
+#   memcached), so one worker starts it, once;
+# * "host": the tests that change the machine itself (mount(8) helpers in /sbin, a private
+#   systemd, `make install` and wheel builds from the checkout) run one at a time.
+HOST_WIDE = ("tests/systemd/test_mount8.py", "tests/systemd/test_private_systemd.py", "tests/packaging/")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("backend_name") == "swift":
+            item.add_marker(pytest.mark.xdist_group("swift"))
+        elif item.nodeid.startswith(HOST_WIDE) or item.get_closest_marker("systemd"):
+            item.add_marker(pytest.mark.xdist_group("host"))
+
+
 @pytest.fixture(scope="session")
-def server(backend_name: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    workdir = tmp_path_factory.mktemp(f"server-{backend_name}")
-    with server_class(backend_name)(workdir) as srv:
-        yield srv
+def started_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Any]]:
+    """Each backend's server, started on first use and kept until the session ends (then
+    stopped in reverse order).  Tests of different backends may come in any order (pytest-xdist
+    hands them out one by one), and a switch of backend must not stop and restart a server, as
+    a parametrized session fixture would.  A server that failed to start fails the rest of its
+    tests with the same error, without trying again."""
+    started: dict[str, Any] = {}
+    failed: dict[str, BaseException] = {}
+    with contextlib.ExitStack() as stack:
+
+        def get(name: str) -> Any:
+            if name in failed:
+                raise failed[name]
+            if name not in started:
+                workdir = tmp_path_factory.mktemp(f"server-{name}")
+                try:
+                    started[name] = stack.enter_context(server_class(name)(workdir))
+                except Exception as exc:
+                    failed[name] = exc
+                    raise
+            return started[name]
+
+        yield get
+
+
+@pytest.fixture(scope="session")
+def server(backend_name: str, started_servers: Callable[[str], Any]) -> Any:
+    return started_servers(backend_name)
 
 
 @pytest.fixture

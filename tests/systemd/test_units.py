@@ -6,6 +6,7 @@ import configparser
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -30,12 +31,17 @@ def test_all_expected_units_are_shipped():
 def verify(unit_dir: Path, unit: str, user: bool = False, tmp: Path | None = None):
     env = {**os.environ, "SYSTEMD_LOG_COLOR": "0"}
     args = ["systemd-analyze", "verify", "--man=no"]
-    if user:
-        assert tmp
-        (tmp / "xdg-runtime").mkdir(mode=0o700, exist_ok=True)
-        env["XDG_RUNTIME_DIR"] = str(tmp / "xdg-runtime")
+    if not user:
+        return subprocess.run([*args, str(unit_dir / unit)], capture_output=True, text=True, timeout=60,
+                              env=env)
+    assert tmp
+    # A short XDG_RUNTIME_DIR: the user units' socket paths below it must fit in 108 bytes, which
+    # a tmp_path need not (pytest-xdist's are longer).
+    with tempfile.TemporaryDirectory(prefix="xdg-", dir="/tmp") as runtime:
+        env["XDG_RUNTIME_DIR"] = runtime
         args.insert(1, "--user")
-    return subprocess.run([*args, str(unit_dir / unit)], capture_output=True, text=True, timeout=60, env=env)
+        return subprocess.run([*args, str(unit_dir / unit)], capture_output=True, text=True, timeout=60,
+                              env=env)
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -232,7 +232,7 @@ class Uploader:
                 except BaseException:
                     self.cache.upload_failed(file)
                     raise
-                self.cache.upload_done(file, snap, etag)
+                await self.cache.upload_done(file, snap, etag)
                 break
         self._on_uploaded(file)
 
@@ -317,14 +317,14 @@ class Uploader:
             await self._abort_open_upload(file)
 
     # ------------------------------------------------------------------ sending
-    def _tagged(self, file: File, metadata: dict[str, str]) -> dict[str, str]:
+    async def _tagged(self, file: File, metadata: dict[str, str]) -> dict[str, str]:
         """``metadata`` with a fresh upload token, journaled before the object can change (see
         _check_remote); without one if it would not fit the store's metadata limit."""
         token = uuid.uuid4().hex
         tagged = {**metadata, UPLOAD_KEY: token}
         if metadata_size(tagged) > self.backend.capabilities.max_metadata_bytes:
             return metadata
-        self.cache.set_upload_token(file, token)
+        await self.cache.set_upload_token(file, token)
         return tagged
 
     def _part_size(self, size: int, streaming: bool = False) -> int:
@@ -341,7 +341,7 @@ class Uploader:
                                  or snap.size > self._part_size(snap.size)):
             raise _Refused  # not one PUT after all (cannot happen: no await since _put_condition)
         if not snap.content_changed:
-            return await self.backend.set_metadata(snap.key, self._tagged(file, snap.metadata))
+            return await self.backend.set_metadata(snap.key, await self._tagged(file, snap.metadata))
         upload = file.open_upload
         if upload is not None and (upload.key != snap.key or snap.size <= upload.part_size):
             await self._abort_open_upload(file)
@@ -351,7 +351,7 @@ class Uploader:
             if snap.size <= part:
                 payload = await self._payload(file, snap, 0, snap.size)
                 try:
-                    metadata = self._tagged(file, snap.metadata)
+                    metadata = await self._tagged(file, snap.metadata)
                     if cond is None:
                         etag = await self.backend.put(snap.key, payload, metadata)
                     else:
@@ -360,7 +360,7 @@ class Uploader:
                     payload.close()
                 self.sent_bytes += snap.size
                 return etag
-            upload = await self._open_upload(file, snap.key, part, self._tagged(file, snap.metadata))
+            upload = await self._open_upload(file, snap.key, part, await self._tagged(file, snap.metadata))
             return await self._send_multipart(file, snap, upload)
         try:
             if upload.upload_id not in self._ours:  # left open by a killed process
@@ -519,7 +519,9 @@ class Uploader:
                 await self._check_remote(file)
                 if file.status is not Status.DIRTY or file.open_upload is not None:
                     return False
-                meta = self._tagged(file, self.cache.metadata(file))
+                meta = await self._tagged(file, self.cache.metadata(file))
+                if file.status is not Status.DIRTY or file.open_upload is not None:
+                    return False  # unlinked while the token was journaled
                 upload = await self._open_upload(file, file.key, part_size, meta)
             with one_error():
                 async with trio.open_nursery() as nursery:

@@ -10,7 +10,7 @@ nothing is asked first; elsewhere (B2, Swift) a HEAD comes first.  Request count
 
 from __future__ import annotations
 
-import time
+import subprocess
 from pathlib import Path
 
 import trio
@@ -18,7 +18,7 @@ import trio
 from cloudfs.backends import open_backend
 from tests.fs.test_integrity import put_other, stored, stored_keys
 from tests.fs.test_integrity_store import status, wait_uploaded
-from tests.mounting import Mount
+from tests.mounting import CLOUDFS, Mount
 from tests.servers import Target
 
 N = 20
@@ -99,14 +99,24 @@ def test_changed_small_files_go_up_in_one_put_each(target: Target, tmp_path: Pat
         m.cleanup()
 
 
-def _changed_here(target: Target, tmp_path: Path) -> Mount:
-    """A mount where ``doc`` was stored as "base" and then written "ours", its upload pending
-    for the 2 s write-back delay."""
-    m = Mount(target, tmp_path / "mnt", tmp_path / "cache", {"writeback_delay": "2"})
+def _sync(m: Mount) -> None:
+    """`cloudfs sync`: upload everything pending now (the write-back delay is an hour, so
+    nothing goes up before the test says so, however slow the machine)."""
+    subprocess.run([CLOUDFS, "sync", str(m.path)], capture_output=True, text=True, timeout=120, check=True)
+
+
+def _slow_mount(target: Target, tmp_path: Path) -> Mount:
+    m = Mount(target, tmp_path / "mnt", tmp_path / "cache", {"writeback_delay": "3600"})
     m.start()
+    return m
+
+
+def _changed_here(target: Target, tmp_path: Path) -> Mount:
+    """A mount where ``doc`` was stored as "base" and then written "ours", its upload pending."""
+    m = _slow_mount(target, tmp_path)
     try:
         (m.path / "doc").write_bytes(b"base")
-        wait_uploaded(m)
+        _sync(m)
         with open(m.path / "doc", "r+b") as f:
             f.write(b"ours")
     except BaseException:
@@ -125,8 +135,8 @@ def test_a_file_changed_on_the_server_meanwhile_becomes_a_conflict_copy(target: 
     it keeps the name, ours goes up as the conflict copy, both whole."""
     m = _changed_here(target, tmp_path)
     try:
-        put_other(target, "doc", b"theirs")  # within the write-back delay
-        wait_uploaded(m)
+        put_other(target, "doc", b"theirs")
+        _sync(m)
         assert stored(target, "doc") == b"theirs"
         copies = _conflict_copies(target, "doc")
         assert len(copies) == 1, stored_keys(target)
@@ -139,12 +149,11 @@ def test_a_file_changed_on_the_server_meanwhile_becomes_a_conflict_copy(target: 
 def test_a_new_file_created_on_the_server_meanwhile_becomes_a_conflict_copy(target: Target, tmp_path: Path
                                                                             ) -> None:
     """The same for a new file: If-None-Match is refused, the other tool's object keeps the name."""
-    m = Mount(target, tmp_path / "mnt", tmp_path / "cache", {"writeback_delay": "2"})
-    m.start()
+    m = _slow_mount(target, tmp_path)
     try:
         (m.path / "new").write_bytes(b"ours")
         put_other(target, "new", b"theirs")
-        wait_uploaded(m)
+        _sync(m)
         assert stored(target, "new") == b"theirs"
         copies = _conflict_copies(target, "new")
         assert len(copies) == 1, stored_keys(target)
@@ -164,8 +173,7 @@ def test_a_file_deleted_on_the_server_meanwhile_goes_up_from_local_data(target: 
             trio.run(backend.delete, "doc")
         finally:
             backend.close()
-        time.sleep(0.1)
-        wait_uploaded(m)
+        _sync(m)
         assert stored(target, "doc") == b"ours"
         assert not _conflict_copies(target, "doc"), stored_keys(target)
     finally:

@@ -264,6 +264,7 @@ class AzureBackend(Backend):
         listing_has_metadata=True,
         part_copy=False,
         conditional_writes=True,
+        atomic_conditional_put=True,
     )
     options = frozenset({"endpoint"}) | TLS_OPTIONS
 

@@ -181,6 +181,8 @@ class B2Backend(Backend):
         listing_has_metadata=True,
         part_copy=True,
         conditional_writes=True,
+        # B2 has no conditional upload: ``_put`` checks if_match / if_none_match with a lookup
+        # first (atomic_conditional_put stays False: the uploader asks with a HEAD instead).
     )
     options = frozenset({"endpoint", "b2_hard_delete"}) | TLS_OPTIONS
 

@@ -69,6 +69,11 @@ class Capabilities:
     part_copy: bool = False
     # Whether put/get honour If-Match / If-None-Match style conditions.
     conditional_writes: bool = False
+    # Whether ``put`` checks ``if_match`` / ``if_none_match`` in the store itself, within the
+    # one request that stores the object (no lookup first, so no window for another writer
+    # and no extra request).  False where the backend emulates the conditions with a lookup
+    # (B2) or sends one anyway (Swift).  See also ``Backend.conditional_put_unverified``.
+    atomic_conditional_put: bool = False
 
 
 @dataclass(frozen=True)
@@ -337,6 +342,10 @@ class Backend:
     capabilities: Capabilities = Capabilities()
     # Option names (from ``-o``) a backend accepts; the CLI rejects the others.
     options: frozenset[str] = frozenset()
+    # True where ``atomic_conditional_put`` holds for the protocol but a given server may
+    # ignore the headers (S3-compatible stores: older ones store the object regardless).
+    # The uploader then trusts a condition only once it saw the server refuse it.
+    conditional_put_unverified: bool = False
 
     def __init__(self, bucket: str, prefix: str = "", *, max_connections: int = 16,
                  retry: RetryPolicy | None = None) -> None:

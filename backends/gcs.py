@@ -104,6 +104,7 @@ class GCSBackend(Backend):
         listing_has_metadata=True,
         part_copy=False,
         conditional_writes=True,
+        atomic_conditional_put=True,
     )
     options = frozenset({"anonymous", "endpoint", "project"}) | TLS_OPTIONS
 

@@ -54,6 +54,7 @@ class LocalBackend(Backend):
         listing_has_metadata=True,
         part_copy=True,
         conditional_writes=True,
+        atomic_conditional_put=True,
     )
 
     def __init__(self, root: str, prefix: str = "", **kw: object) -> None:

@@ -216,6 +216,7 @@ class S3Backend(Backend):
         listing_has_metadata=False,
         part_copy=True,
         conditional_writes=True,
+        atomic_conditional_put=True,
     )
     options = frozenset({"endpoint", "region", "path_style", "profile", "storage_class", "sse",
                          "sse_kms_key_id", "sse_c_key_file", "acl", "requester_pays"}) | TLS_OPTIONS
@@ -245,6 +246,9 @@ class S3Backend(Backend):
                 raise ConfigError("credentials do not belong in the endpoint URL")
         env_endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         custom = bool(endpoint or env_endpoint)
+        # AWS checks If-Match / If-None-Match on PUT (since 2024); an S3-compatible server
+        # may store the object regardless, so there the uploader verifies it once.
+        self.conditional_put_unverified = custom
         if path_style is None:
             path_style = custom
         self.profile = profile

@@ -323,6 +323,8 @@ class SwiftBackend(Backend):
         listing_has_metadata=False,
         part_copy=False,
         conditional_writes=True,
+        # Swift checks only If-None-Match on PUT, and ``_put`` sends a HEAD first anyway (for
+        # old segments): atomic_conditional_put stays False.
     )
     options: frozenset[str] = TLS_OPTIONS
 

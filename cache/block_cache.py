@@ -12,7 +12,11 @@ journal record ``state.json``), never per path.  A block is
   that is only in the open upload is reached by completing the upload first).
 
 Every state change is one method here, and each writes the journal record it affects
-before it returns, so what the FUSE layer acknowledges is on disk.  The cache knows
+before it returns, so what the FUSE layer acknowledges is on disk.  Two kinds of change
+need no record written on the trio thread (docs/concurrency.md, "The journal"): a first
+write into a file with no stored version (recovery takes all its blocks as dirty), and the
+upload bookkeeping (``set_upload_token``, ``upload_done``), whose records are written in a
+worker thread and awaited by the uploader.  The cache knows
 nothing of the uploader: it calls ``on_dirty(file)`` when a file gains changes to upload,
 ``on_pressure()`` when writers wait for space, and awaits ``complete_upload(file)`` when
 a read or write needs data that only an open multipart upload holds.
@@ -39,7 +43,7 @@ import os
 import shutil
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 
@@ -136,6 +140,9 @@ class BlockCache:
         self.fetch_limiter = trio.CapacityLimiter(8)
         self.stats = {"fetches": 0, "fetched_bytes": 0, "evictions": 0, "hits": 0, "lost_bytes": 0}
         self._lock_fd: int | None = None
+        # Journal records written, by thread: "trio" (the FUSE thread waits for these) and
+        # "worker".  For tests and profiling.
+        self.journal_writes: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ start-up
     def open(self) -> Recovered:
@@ -225,6 +232,9 @@ class BlockCache:
             file.staged = {int(b): n for b, n in record.staged.items()}
         self.files[record.fid] = file
         dirty = set(record.dirty)
+        # A pending file with no stored version has no clean blocks: every block file holds
+        # bytes written here, listed in the record or not (see _mark_dirty).
+        all_dirty = record.pending and record.base_etag is None and record.delete_on_close is None
         for fname in os.listdir(path):
             if fname.startswith("b") and fname[1:].isdigit():
                 block = int(fname[1:])
@@ -232,7 +242,7 @@ class BlockCache:
                 file.present.add(block)
                 file.charged[block] = charge = self.charge(st.st_size)
                 self.used += charge
-                if block in dirty:
+                if block in dirty or all_dirty:
                     file.gen += 1
                     file.dirty[block] = file.gen
                     self.dirty_bytes += charge
@@ -303,8 +313,8 @@ class BlockCache:
         file = File(key, 0, attrs, {}, None, 0)
         self._set_status(file, Status.DIRTY)
         self.by_key[key] = file
-        self._attach(file)
-        self._changed_now(file)
+        self._attach(file)  # its one record: pending, no stored version
+        self._changed_now(file, journal=False)
         return file
 
     def forget(self, file: File) -> None:
@@ -354,7 +364,7 @@ class BlockCache:
         file.epoch += 1
         file.idle.set()
         if file.fid is not None:
-            journal.remove(journal.record_path(file.dir), durable=False)
+            self._unjournal(file)
             if not file.opens:
                 self._free(file)
 
@@ -388,7 +398,7 @@ class BlockCache:
         last close.  Its storage goes now, or at the last close if handles are open."""
         file.delete_on_close = None
         if file.opens and file.fid is not None:
-            journal.remove(journal.record_path(file.dir), durable=False)
+            self._unjournal(file)
         else:
             self._free(file)
 
@@ -404,7 +414,10 @@ class BlockCache:
         if file.fid is None:
             return
         self._drop_blocks(file, set(file.present))
-        shutil.rmtree(file.dir, ignore_errors=True)
+        with file.journal_lock:  # no record written in a worker thread outlives the storage
+            file.journal_seq += 1
+            file.journal_done = file.journal_seq
+            shutil.rmtree(file.dir, ignore_errors=True)
         self.files.pop(file.fid, None)
         file.fid, file.dir = None, ""
         if self.by_key.get(file.key) is file and not file.pending:
@@ -451,20 +464,60 @@ class BlockCache:
             open_upload=asdict(file.open_upload) if file.open_upload else None,
             delete_on_close=asdict(file.delete_on_close) if file.delete_on_close else None)
 
+    def _journaled(self, file: File) -> bool:
+        return file.fid is not None and not (file.unlinked and file.delete_on_close is None)
+
     def _journal(self, file: File, durable: bool = False) -> None:
-        if file.fid is None or (file.unlinked and file.delete_on_close is None):
+        """Write the file's record now, on the trio thread: on disk before the caller goes on."""
+        if not self._journaled(file):
             return
-        journal.write_record(file.dir, self._record(file), durable)
+        file.journal_seq += 1
+        if self._write_record(file, file.dir, self._record(file), file.journal_seq, durable):
+            self.journal_writes["trio"] += 1
+
+    async def _journal_in_worker(self, file: File) -> None:
+        """Write the file's record in a worker thread; on disk when this returns (or a newer
+        one is).  The record is built now: it holds the state as of this call."""
+        if not self._journaled(file):
+            return
+        file.journal_seq += 1
+        args = (file, file.dir, self._record(file), file.journal_seq, False)
+        if await trio.to_thread.run_sync(self._write_record, *args):
+            self.journal_writes["worker"] += 1
+
+    def _write_record(self, file: File, path: str, record: journal.FileRecord, seq: int,
+                      durable: bool) -> bool:
+        """Any thread.  Records reach the disk in the order they were built (``seq``): one
+        built before the newest written (or before the record was removed) is dropped, and
+        a durable one then makes the newer record durable instead.  True if written."""
+        with file.journal_lock:
+            try:
+                if seq <= file.journal_done:
+                    if durable:
+                        journal.sync_record(path)
+                    return False
+                journal.write_record(path, record, durable)
+            except FileNotFoundError:
+                return False  # the storage is gone (unlinked): nothing left to record
+            file.journal_done = seq
+            return True
+
+    def _unjournal(self, file: File) -> None:
+        """Remove the record (no name refers to the file); records built before stay off disk."""
+        with file.journal_lock:
+            file.journal_seq += 1
+            file.journal_done = file.journal_seq
+            journal.remove(journal.record_path(file.dir), durable=False)
 
     async def make_durable(self, file: File) -> None:
         """fsync the dirty blocks and the journal record: the data survives a power loss."""
         if file.fid is None or file.unlinked:
             return
         blocks = [file.block_path(b) for b in file.dirty]
-        record = self._record(file)
-        path = file.dir
+        file.journal_seq += 1
+        record, path, seq = self._record(file), file.dir, file.journal_seq
 
-        def sync() -> None:
+        def sync() -> bool:
             for block_path in blocks:
                 try:
                     fd = os.open(block_path, os.O_RDONLY)
@@ -474,18 +527,12 @@ class BlockCache:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-            try:
-                journal.write_record(path, record, durable=True)
-            except FileNotFoundError:
-                pass  # the file was unlinked meanwhile: nothing left to make durable
+            # Built here, on the trio thread, and written in the worker: if a newer record was
+            # written meanwhile, that one is made durable instead (it holds all of this one).
+            return self._write_record(file, path, record, seq, durable=True)
 
-        # The record is built here, on the trio thread, and written in the worker: a newer
-        # record written meanwhile by _journal() may be replaced by this one, which is
-        # rewritten below if the file changed while the worker ran.
-        gen = file.gen
-        await trio.to_thread.run_sync(sync)
-        if file.gen != gen and file.fid is not None and not file.unlinked:
-            self._journal(file)
+        if await trio.to_thread.run_sync(sync):
+            self.journal_writes["worker"] += 1
         journal.fsync_dir(self.files_dir)
 
     # ------------------------------------------------------------------ space
@@ -824,7 +871,10 @@ class BlockCache:
             self.lru.pop((file.fid, block), None)
             file.dirty[block] = file.gen
         # The record lists the dirty blocks: written when the set grows, not on every write.
-        self._changed_now(file, journal=first)
+        # A file with no stored version needs none (the record on disk says so too: base is
+        # journaled on every change of it): recovery takes every block of such a file as
+        # dirty, it has no clean ones to mistake them for.
+        self._changed_now(file, journal=first and file.base is not None)
         file.dirty[block] = file.gen
 
     async def _unstage(self, file: File, block: int) -> None:
@@ -886,13 +936,18 @@ class BlockCache:
         return Snapshot(file.key, file.size, file.gen, dict(file.dirty), file.base, file.fetch_limit,
                         self.metadata(file), content_changed)
 
-    def set_upload_token(self, file: File, token: str | None) -> None:
-        """Journaled before the upload can change the object (see uploader.py)."""
+    async def set_upload_token(self, file: File, token: str | None) -> None:
+        """Journaled before the upload can change the object (see uploader.py): the record is
+        on disk when this returns, written in a worker thread."""
         file.upload_token = token
-        self._journal(file)
+        await self._journal_in_worker(file)
 
-    def upload_done(self, file: File, snap: Snapshot, etag: str) -> None:
-        """The store holds ``snap`` as version ``etag``: blocks not rewritten since are clean."""
+    async def upload_done(self, file: File, snap: Snapshot, etag: str) -> None:
+        """The store holds ``snap`` as version ``etag``: blocks not rewritten since are clean.
+
+        The state changes at once; the record follows in a worker thread.  Until it is on
+        disk the old one says pending, with the upload token: a crash re-uploads, and the
+        object carrying the token is taken as ours (docs/concurrency.md, crash points)."""
         if file.unlinked:
             return
         file.base = Remote(etag, snap.size)
@@ -901,23 +956,28 @@ class BlockCache:
         file.open_upload = None
         file.staged.clear()
         file.uploaded_gen = snap.gen
+        clean = []
         for block, gen in snap.dirty.items():
             if file.dirty.get(block) == gen:
                 del file.dirty[block]
                 self.dirty_bytes -= file.charged.get(block, 0)
-                if block in file.present:
-                    assert file.fid is not None
-                    self.lru[(file.fid, block)] = file
+                clean.append(block)
         if file.status is Status.UPLOADING and file.gen == snap.gen:
             self._set_status(file, Status.CLEAN)
             file.refreshed = time.monotonic()
         else:
             self._set_status(file, Status.DIRTY)
-        self._journal(file)
         file.idle.set()
         self._wake()
         if file.pending:
             self._on_dirty(file)
+        await self._journal_in_worker(file)
+        # Evictable only now: until the record says they are clean it lists them as dirty (or
+        # the file as having no stored version), and a crash uploads them again from here.
+        for block in clean:
+            if file.fid is not None and block in file.present and block not in file.dirty:
+                self.lru[(file.fid, block)] = file
+        self._wake()
 
     def upload_failed(self, file: File) -> None:
         if file.status in IN_TRANSIT:

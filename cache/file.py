@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -108,6 +109,12 @@ class File:
     ctime_ns: int = field(default_factory=time.time_ns)
     trunc_low: int = 0  # smallest size truncated to while an upload is in flight
     idle: trio.Event = field(default_factory=trio.Event)  # set while no upload is in flight
+    # The journal record's order (BlockCache._write_record): every record built, or removal,
+    # takes the next number on the trio thread; ``journal_done`` is the newest one on disk.
+    # Records written in worker threads reach the disk in that order, never an older over a newer.
+    journal_seq: int = 0
+    journal_done: int = 0
+    journal_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         if self.status not in IN_TRANSIT:

@@ -96,6 +96,16 @@ def write_record(file_dir: str, record: FileRecord, durable: bool) -> None:
     write_json(record_path(file_dir), asdict(record), durable)
 
 
+def sync_record(file_dir: str) -> None:
+    """fsync the record as it is on disk (and its directory entry)."""
+    fd = os.open(record_path(file_dir), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(file_dir)
+
+
 def read_record(file_dir: str) -> FileRecord | None:
     raw = read_json(record_path(file_dir))
     if not isinstance(raw, dict):

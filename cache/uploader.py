@@ -5,7 +5,19 @@ generations, base, metadata); writes during the round stay dirty and go up in th
 one.  A file whose content did not change gets a metadata update only.  At most one round
 per file runs at a time (``_rounds``).
 
-Before a round, one HEAD tells whether the stored object is still the file's base:
+A round that is one PUT, on a store that checks conditions in the PUT itself
+(``Capabilities.atomic_conditional_put``), is sent conditionally and nothing is asked first:
+``if_none_match`` for a file with no base, ``if_match=base`` for one with a base.  The store
+then stores it only if the object still is the file's base (or still absent): exactly when
+the HEAD below would have said "upload".  Only when the store refuses does the round fall
+back to the HEAD and what follows.  Other rounds (multipart uploads, whose completion is not
+sent conditionally; metadata-only updates, which are copies; stores that emulate conditions
+with a lookup) ask first.  An S3-compatible server may ignore the conditions
+(``Backend.conditional_put_unverified``): there each kind of condition is trusted only after
+the server refused it once, checked by sending the first conditional PUT of that kind a
+second time (it stores the same bytes again if the server ignores the condition).
+
+Otherwise, before a round, one HEAD tells whether the stored object is still the file's base:
 
 * unchanged, or absent for a new file: upload;
 * carrying our journaled upload token: it is our own upload, committed but not recorded
@@ -40,7 +52,7 @@ import trio
 
 from cloudfs.backends import Backend, PartInfo, Payload
 from cloudfs.backends.base import Segment
-from cloudfs.backends.errors import BackendError, NotFound, one_error
+from cloudfs.backends.errors import BackendError, NotFound, PreconditionFailed, one_error
 from cloudfs.layout import metadata_size
 
 from .block_cache import UPLOAD_KEY, BlockCache, Snapshot, carries
@@ -60,6 +72,10 @@ STREAM_IDLE = 30.0
 def conflict_key(key: str) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     return f"{key}.conflict-{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+class _Refused(Exception):
+    """The store refused a conditional PUT: the object is not (or no longer) the file's base."""
 
 
 def _ignore_conflict(file: File, old_key: str) -> None:
@@ -83,6 +99,12 @@ class Uploader:
         self._rounds = MultiLock()
         self._ours: set[str] = set()  # ids of the multipart uploads this process created or resumed
         self.sent_bytes = 0  # bytes sent in PUTs and parts (copies server-side not counted)
+        # Whether the store checks each kind of PUT condition ("if_match", "if_none_match"):
+        # True trusted, False not (ask with a HEAD first), None not yet seen (see the module doc).
+        caps = backend.capabilities
+        trusted = None if backend.conditional_put_unverified else caps.atomic_conditional_put
+        self._conditions: dict[str, bool | None] = dict.fromkeys(
+            ("if_match", "if_none_match"), trusted if caps.atomic_conditional_put else False)
 
     # ------------------------------------------------------------------ running
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -185,19 +207,49 @@ class Uploader:
         """One round: send everything the file changed so far."""
         assert file.fid is not None or file.unlinked
         async with self._rounds(id(file)):
-            if file.status is not Status.DIRTY or file.holds:
-                return
-            await self._check_remote(file)
-            if file.status is not Status.DIRTY or file.holds:
-                return  # unlinked, or moved, while we asked
-            snap = self.cache.begin_upload(file)
-            try:
-                etag = await self._send(file, snap)
-            except BaseException:
-                self.cache.upload_failed(file)
-                raise
-            self.cache.upload_done(file, snap, etag)
+            refused = False
+            while True:
+                if file.status is not Status.DIRTY or file.holds:
+                    return
+                cond = None if refused else self._put_condition(file)
+                if cond is None or not self._conditions[cond]:
+                    await self._check_remote(file)
+                    if file.status is not Status.DIRTY or file.holds:
+                        return  # unlinked, or moved, while we asked
+                    # The HEAD said "upload": unconditionally, or with a condition this store
+                    # was not yet seen to check (the HEAD covers it; see _put_conditionally).
+                    cond = None if refused else self._put_condition(file)
+                    if cond is not None and self._conditions[cond] is not None:
+                        cond = None
+                snap = self.cache.begin_upload(file)
+                try:
+                    etag = await self._send(file, snap, cond)
+                except _Refused:
+                    # Not the base any more (or no longer absent): ask, as without conditions.
+                    self.cache.upload_failed(file)
+                    refused = True
+                    continue
+                except BaseException:
+                    self.cache.upload_failed(file)
+                    raise
+                await self.cache.upload_done(file, snap, etag)
+                break
         self._on_uploaded(file)
+
+    def _put_condition(self, file: File) -> str | None:
+        """The condition the file's next round is sent with, if it is one conditional PUT on a
+        store that may check it: "if_none_match" (no base) or "if_match" (the base).  None: the
+        round asks first (multipart, metadata only, or the store cannot check).  Read with no
+        await before ``begin_upload``, so the round's snapshot is the file as seen here."""
+        if file.open_upload is not None or file.size > self._part_size(file.size):
+            return None
+        if file.base is None:
+            cond = "if_none_match"
+        elif file.dirty and file.base.etag:
+            cond = "if_match"
+        else:
+            return None  # perhaps only attributes changed: a metadata update (a copy)
+        return cond if self._conditions[cond] is not False else None
 
     async def _check_remote(self, file: File) -> None:
         """Is the stored object still the file's base?  See the module doc."""
@@ -265,14 +317,14 @@ class Uploader:
             await self._abort_open_upload(file)
 
     # ------------------------------------------------------------------ sending
-    def _tagged(self, file: File, metadata: dict[str, str]) -> dict[str, str]:
+    async def _tagged(self, file: File, metadata: dict[str, str]) -> dict[str, str]:
         """``metadata`` with a fresh upload token, journaled before the object can change (see
         _check_remote); without one if it would not fit the store's metadata limit."""
         token = uuid.uuid4().hex
         tagged = {**metadata, UPLOAD_KEY: token}
         if metadata_size(tagged) > self.backend.capabilities.max_metadata_bytes:
             return metadata
-        self.cache.set_upload_token(file, token)
+        await self.cache.set_upload_token(file, token)
         return tagged
 
     def _part_size(self, size: int, streaming: bool = False) -> int:
@@ -282,9 +334,14 @@ class Uploader:
         part = self.backend.part_size_for(max(8 * size, 64 * GiB) if streaming else size, bs)
         return -(-part // bs) * bs  # whole blocks per part
 
-    async def _send(self, file: File, snap: Snapshot) -> str:
+    async def _send(self, file: File, snap: Snapshot, cond: str | None = None) -> str:
+        """Upload the snapshot; returns the new version's ETag.  ``cond``: see ``_put_condition``
+        (raises _Refused if the store refuses it)."""
+        if cond is not None and (not snap.content_changed or file.open_upload is not None
+                                 or snap.size > self._part_size(snap.size)):
+            raise _Refused  # not one PUT after all (cannot happen: no await since _put_condition)
         if not snap.content_changed:
-            return await self.backend.set_metadata(snap.key, self._tagged(file, snap.metadata))
+            return await self.backend.set_metadata(snap.key, await self._tagged(file, snap.metadata))
         upload = file.open_upload
         if upload is not None and (upload.key != snap.key or snap.size <= upload.part_size):
             await self._abort_open_upload(file)
@@ -294,12 +351,16 @@ class Uploader:
             if snap.size <= part:
                 payload = await self._payload(file, snap, 0, snap.size)
                 try:
-                    etag = await self.backend.put(snap.key, payload, self._tagged(file, snap.metadata))
+                    metadata = await self._tagged(file, snap.metadata)
+                    if cond is None:
+                        etag = await self.backend.put(snap.key, payload, metadata)
+                    else:
+                        etag = await self._put_conditionally(snap, payload, metadata, cond)
                 finally:
                     payload.close()
                 self.sent_bytes += snap.size
                 return etag
-            upload = await self._open_upload(file, snap.key, part, self._tagged(file, snap.metadata))
+            upload = await self._open_upload(file, snap.key, part, await self._tagged(file, snap.metadata))
             return await self._send_multipart(file, snap, upload)
         try:
             if upload.upload_id not in self._ours:  # left open by a killed process
@@ -314,6 +375,33 @@ class Uploader:
             log.warning("%s: the open multipart upload is gone; uploading again", snap.key)
             snap.dirty.update(self.cache.close_multipart(file))
             return await self._send(file, snap)
+
+    async def _put_conditionally(self, snap: Snapshot, payload: Payload, metadata: dict[str, str],
+                                 cond: str) -> str:
+        """One PUT stored only if the object is still the snapshot's base (``if_match``) or
+        still absent (``if_none_match``); raises _Refused otherwise.  A condition not yet seen
+        checked (``self._conditions`` None; the round asked with a HEAD first) is tested by
+        sending the same PUT again: a server that checks it refuses the second one, one that
+        ignores it stores the same bytes and metadata again."""
+        if_match = snap.base.etag if cond == "if_match" and snap.base is not None else None
+        if_none_match = cond == "if_none_match"
+        assert if_match or if_none_match
+        try:
+            etag = await self.backend.put(snap.key, payload, metadata, if_match, if_none_match)
+        except (PreconditionFailed, NotFound):  # NotFound: If-Match on a deleted object (S3)
+            raise _Refused from None
+        if self._conditions[cond] is None:
+            try:
+                etag = await self.backend.put(snap.key, payload, metadata, if_match, if_none_match)
+            except (PreconditionFailed, NotFound):
+                self._conditions[cond] = True
+                log.info("%s checks %s on PUT: small files go up in one request",
+                         self.backend.describe(), cond.replace("_", "-"))
+            else:
+                self._conditions[cond] = False
+                log.warning("%s ignores %s on PUT: every upload asks with a HEAD first",
+                            self.backend.describe(), cond.replace("_", "-"))
+        return etag
 
     async def _send_multipart(self, file: File, snap: Snapshot, upload: OpenUpload) -> str:
         parts: list[PartInfo] = []
@@ -431,7 +519,9 @@ class Uploader:
                 await self._check_remote(file)
                 if file.status is not Status.DIRTY or file.open_upload is not None:
                     return False
-                meta = self._tagged(file, self.cache.metadata(file))
+                meta = await self._tagged(file, self.cache.metadata(file))
+                if file.status is not Status.DIRTY or file.open_upload is not None:
+                    return False  # unlinked while the token was journaled
                 upload = await self._open_upload(file, file.key, part_size, meta)
             with one_error():
                 async with trio.open_nursery() as nursery:

@@ -457,7 +457,8 @@ def build(backend: Backend, cache_dir: str, opts: MountOptions, notify: Notify) 
     vfs = VFS(backend, cache, uploader,
               VfsOptions(uid=opts.uid, gid=opts.gid, read_only=opts.read_only,
                          attr_timeout=opts.attr_timeout, sync_upload=opts.sync_upload,
-                         dir_cache_time=opts.dir_cache_time, readahead_blocks=opts.readahead,
+                         dir_cache_time=opts.dir_cache_time, dir_cache_entries=opts.dir_cache_entries,
+                         readahead_blocks=opts.readahead,
                          file_mode=opts.file_mode, dir_mode=opts.dir_mode),
               intents_dir=os.path.join(cache_dir, "intents"), notify=notify)
     # Uploads that failed while the store was away go again as soon as it answers.

@@ -34,6 +34,7 @@ from cloudfs.layout import Attrs
 
 from .inodes import ROOT_INODE, Inode, InodeTable, Meta, join, parent_of
 from .listings import Fill, Listing, Listings
+from .meta_store import MetaStore
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,10 @@ class Metadata:
         # Listings from the store in progress, by folder: own changes meanwhile go to them too.
         self.fills: dict[str, list[Fill]] = {}
         self.head_limiter = trio.CapacityLimiter(opts.head_parallel)
+        # HEAD results kept across mounts (stores whose listings lack metadata; set by the
+        # daemon): a record checked before this mount started counts as checked at its start.
+        self.store: MetaStore | None = None
+        self.started = time.time()
 
     # ------------------------------------------------------------------ decoding
     def decode(self, info: ObjectInfo | None, is_dir: bool, server_mtime: float | None = None) -> Attrs:
@@ -258,6 +263,7 @@ class Metadata:
             return inode
         if self._is_folder_blob(info) or self.decode(info, is_dir=False).is_dir:
             return await self.resolve(path, inode)
+        self._record(info)
         return self.remember_file(path, info)
 
     def pending_below(self, path: str) -> bool:
@@ -290,6 +296,7 @@ class Metadata:
             # A known file: one HEAD confirms it; a folder is asked for only if it is gone.
             await head(path)
             if path in found and not self._is_folder_blob(found[path]):
+                self._record(found[path])
                 return self.remember_file(path, found[path])
         # The object, the folder marker (with its attributes; blobfuse2's folder blobs are
         # found this way too) and whether anything lies below: requests in parallel.
@@ -300,6 +307,8 @@ class Metadata:
                 n.start_soon(head, path + "/")
                 n.start_soon(below)
         info = found.get(path)
+        if info is not None:
+            self._record(info)
         if info is not None and not self._is_folder_blob(info):
             if not self.decode(info, is_dir=False).is_dir:
                 return self.remember_file(path, info)
@@ -307,6 +316,11 @@ class Metadata:
         if marker is not None or listing[0] or self.pending_below(path):
             return self.remember_dir(path, marker)
         return None
+
+    def _record(self, info: ObjectInfo) -> None:
+        """A HEAD result a later listing (of this mount or the next) need not ask again."""
+        if self.store is not None:
+            self.store.record([info])
 
     @staticmethod
     def _is_folder_blob(info: ObjectInfo) -> bool:
@@ -372,6 +386,13 @@ class Metadata:
         need_head = [o for o in page.objects if o.metadata is None and o.key != prefix
                      and not o.key.endswith("/") and known(o) is None]
         heads: dict[str, ObjectInfo] = {}
+        if need_head and self.store is not None:
+            # Recorded by this or an earlier mount, for the same ETag, within dir_cache_time.
+            fresh_after = time.time() - self.opts.dir_cache_time
+            for key, (info, checked) in self.store.lookup(need_head).items():
+                if max(checked, self.started) > fresh_after:
+                    heads[key] = ObjectInfo(key, info.size, info.etag, info.mtime, info.metadata)
+            need_head = [o for o in need_head if o.key not in heads]
         if need_head:
             async def head(key: str) -> None:
                 async with self.head_limiter:
@@ -384,6 +405,8 @@ class Metadata:
                 async with trio.open_nursery() as n:
                     for o in need_head:
                         n.start_soon(head, o.key)
+            if self.store is not None:
+                self.store.record([heads[o.key] for o in need_head if o.key in heads])  # one transaction
         entries: list[Inode] = []
         for o in page.objects:
             if o.key == prefix or not o.key.startswith(prefix) or o.key.endswith("/"):

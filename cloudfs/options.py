@@ -37,6 +37,10 @@ OPTIONS: dict[str, str] = {
     "dir_cache_entries": "entries of all kept folder listings together, least recently used dropped "
                          "first; a folder with more entries is listed from the store every time "
                          "(default 100000)",
+    "meta_cache_entries": "objects whose HEAD result is kept in the cache directory (metadata.db), so a "
+                          "listing after a remount sends no HEAD for objects whose ETag is unchanged; "
+                          "oldest dropped first; only for stores whose listings lack metadata (S3, "
+                          "Swift); 0 turns it off (default 500000)",
     "sync_upload": "fsync() and close() return only after the upload finished",
     "attr_timeout": "seconds metadata and missing names are cached by cloudfs and the kernel; changes "
                     "by other tools show up after at most this, except in folder listings and in "
@@ -84,6 +88,7 @@ class MountOptions:
     attr_timeout: float = 10.0
     dir_cache_time: float = 300.0
     dir_cache_entries: int = 100_000
+    meta_cache_entries: int = 500_000
     readahead: int = 4
     transfers: int = 4
     connections: int = 16
@@ -158,7 +163,8 @@ def _flag(name: str, value: str) -> None:
 
 
 # Smallest accepted value of each numeric option (the largest is checked where it matters).
-MINIMUM = {"uid": 0, "gid": 0, "readahead": 0, "dir_cache_entries": 0, "transfers": 1, "connections": 1,
+MINIMUM = {"uid": 0, "gid": 0, "readahead": 0, "dir_cache_entries": 0, "meta_cache_entries": 0,
+           "transfers": 1, "connections": 1,
            "retries": 1, "cache_size": 1, "min_free": 0, "max_dirty": 1, "timeout": 0.001,
            "metadata_timeout": 0.001}
 
@@ -193,7 +199,8 @@ def parse(options: dict[str, str], backend_options: frozenset[str]) -> MountOpti
                 m.noexec = name == "noexec"
             elif name not in ALWAYS_ON:
                 setattr(m, name, True)
-        elif name in ("uid", "gid", "readahead", "transfers", "connections", "retries", "dir_cache_entries"):
+        elif name in ("uid", "gid", "readahead", "transfers", "connections", "retries", "dir_cache_entries",
+                      "meta_cache_entries"):
             setattr(m, name, _int(name, value))
         elif name in ("umask", "file_mode", "dir_mode"):
             modes[name] = _octal(name, value)

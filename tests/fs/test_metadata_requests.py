@@ -205,3 +205,38 @@ def test_kept_listing_attributes_are_the_listings(target: Target, tmp_path: Path
         assert stat.S_IMODE(ls_l(m.path / "d")["f"].st_mode) == 0o600
     finally:
         m.cleanup()
+
+
+# ---------------------------------------------------------------------- the persistent record
+@pytest.mark.backends("s3")
+def test_a_remount_lists_unchanged_objects_without_heads(target: Target, tmp_path: Path) -> None:
+    """S3 listings carry no metadata: the first `ls -l` HEADs every object, and records the
+    results in the cache directory (metadata.db, 0600).  After unmount and remount with the
+    same cache directory, `ls -l` sends LISTs only; an object changed by another tool (new
+    ETag) is HEADed again, and shows its new attributes."""
+    bucket = target.url[5:]
+    names = [f"f{i:02d}" for i in range(40)]
+    for n in names:
+        target.sdk.put_object(Bucket=bucket, Key=n, Body=b"x", Metadata={"mode": str(stat.S_IFREG | 0o640)})
+    m = Mount(target, tmp_path / "mnt", tmp_path / "cache")
+    m.start()
+    try:
+        before = requests(m)
+        assert {n: stat.S_IMODE(s.st_mode) for n, s in ls_l(m.path).items()} == dict.fromkeys(names, 0o640)
+        assert delta(before, requests(m)).get("head", 0) == len(names)
+        m.remount()
+        db = m.cache_dir / "metadata.db"
+        assert stat.S_IMODE(db.stat().st_mode) == 0o600
+        before = requests(m)
+        assert {n: stat.S_IMODE(s.st_mode) for n, s in ls_l(m.path).items()} == dict.fromkeys(names, 0o640)
+        sent = delta(before, requests(m))
+        assert sent.get("head", 0) == 0 and sent.get("list_page", 0) >= 1, sent
+        target.sdk.put_object(Bucket=bucket, Key="f07", Body=b"changed",
+                              Metadata={"mode": str(stat.S_IFREG | 0o600)})
+        m.remount()
+        before = requests(m)
+        modes = {n: stat.S_IMODE(s.st_mode) for n, s in ls_l(m.path).items()}
+        assert modes["f07"] == 0o600 and modes["f06"] == 0o640
+        assert delta(before, requests(m)).get("head", 0) == 1
+    finally:
+        m.cleanup()

@@ -8,7 +8,8 @@ with no request.  After that it is kept only as the last listing for offline mod
 
 :class:`Listings` is an LRU bounded by the total number of entries (``dir_cache_entries``):
 adding a listing evicts the least recently used ones until the total fits, and a folder
-with more entries than the whole limit is not kept at all.  Owned by
+with more entries than the whole limit is not kept at all.  A listing counts as its entries
+plus one, so empty folders made here are bounded too.  Owned by
 :class:`cloudfs.metadata.Metadata`, on the trio thread; nothing here awaits.
 """
 
@@ -44,7 +45,7 @@ class Listings:
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
         self._lru: OrderedDict[str, Listing] = OrderedDict()
-        self.size = 0  # invariant: the sum of len(entries) over every listing held
+        self.size = 0  # invariant: the sum of 1 + len(entries) over every listing held
 
     def __len__(self) -> int:
         return len(self._lru)
@@ -58,16 +59,16 @@ class Listings:
 
     def put(self, path: str, listing: Listing) -> None:
         self.drop(path)
-        if len(listing.entries) > self.max_entries:
+        if 1 + len(listing.entries) > self.max_entries:
             return
         self._lru[path] = listing
-        self.size += len(listing.entries)
+        self.size += 1 + len(listing.entries)
         self._shrink()
 
     def drop(self, path: str) -> None:
         old = self._lru.pop(path, None)
         if old is not None:
-            self.size -= len(old.entries)
+            self.size -= 1 + len(old.entries)
 
     def drop_below(self, path: str) -> None:
         """Forget the listings of ``path`` and of every folder below it."""
@@ -92,4 +93,4 @@ class Listings:
     def _shrink(self) -> None:
         while self.size > self.max_entries and self._lru:
             _, oldest = self._lru.popitem(last=False)
-            self.size -= len(oldest.entries)
+            self.size -= 1 + len(oldest.entries)

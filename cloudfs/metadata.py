@@ -189,10 +189,12 @@ class Metadata:
         self.negative.pop(path, None)
         self._changed(path, True)
 
-    def removed(self, path: str) -> None:
+    def removed(self, path: str, folder: bool = True) -> None:
+        """The name ``path`` is gone (``folder``: it may have been a folder, whose listings go)."""
         self.negative[path] = time.monotonic() + self.opts.attr_timeout
         self._changed(path, False)
-        self.listings.drop_below(path)
+        if folder:
+            self.listings.drop_below(path)
         prefix = path + "/"
         for key, fills in self.fills.items():
             if key == path or key.startswith(prefix):

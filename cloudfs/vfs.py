@@ -146,7 +146,7 @@ class VFS:
         if inode is None or inode.file is not file:
             return
         self.table.move(old_key, new_key)
-        self.meta.removed(old_key)
+        self.meta.removed(old_key, folder=False)
         self.meta.replaced_elsewhere(old_key)  # the store's version has the name
         self.meta.added(new_key)
         parent = self.table.get(parent_of(old_key))
@@ -502,7 +502,7 @@ class VFS:
             raise fail(errno.EISDIR)
         await self._remove_file(inode)
         self.table.detach(inode)
-        self.meta.removed(path)
+        self.meta.removed(path, folder=False)
 
     async def _remove_file(self, inode: Inode) -> None:
         """The object at ``inode``'s name goes away: journaled first, so a crash can neither

@@ -186,8 +186,13 @@ class Metadata:
             fill.changes.append((name, added))
 
     def added(self, path: str) -> None:
+        """A name made here (create, mkdir, symlink, mknod, or a rename's new name)."""
         self.negative.pop(path, None)
         self._changed(path, True)
+        # Whatever had the name before (an empty folder a rename replaced) has no listing now.
+        self.listings.drop(path)
+        for fill in self.fills.get(path, ()):
+            fill.void = True
 
     def removed(self, path: str, folder: bool = True) -> None:
         """The name ``path`` is gone (``folder``: it may have been a folder, whose listings go)."""

@@ -127,3 +127,20 @@ def test_offline_a_kept_listing_answers_however_old(rig: Rig) -> None:
             fs.crashed = True
 
     run(main)
+
+
+def test_a_folder_replaced_by_a_rename_does_not_keep_its_listing(rig: Rig) -> None:
+    """mv onto an empty folder: the moved folder's names are listed, not the empty ones."""
+    async def main() -> None:
+        async with rig.mounted(attr_timeout=0.01) as fs:
+            await fs.mkdir("src")
+            await fs.write_file("src/a", b"a")
+            await fs.mkdir("dst")
+            assert await fs.listdir("dst") == []
+            await fs.rename("src", "dst")
+            fs.forget_all()
+            await trio.sleep(0.05)
+            assert await fs.listdir("dst") == ["a"]
+            assert await fs.read_file("dst/a") == b"a"
+
+    run(main)

@@ -37,8 +37,9 @@ from cloudfs.cache.journal import CacheMismatch
 from cloudfs.cache.uploader import Uploader
 from cloudfs.cache.writeback import WritebackQueue
 
-from . import metrics, notify, status
+from . import meta_store, metrics, notify, status
 from .fs import CloudFS, KernelNotify
+from .meta_store import MetaStore
 from .options import MountOptions, check_paths, default_cache_dir, normalise_url, parse, split_options
 from .vfs import VFS, Notify, VfsOptions
 
@@ -378,6 +379,8 @@ def _serve(plan: MountPlan, ready_fd: int | None, detach: bool) -> int:
                       "next mount", len(failed), plan.cache_dir)
             state["code"] = 1
         _write_result(plan.mountpoint, failed, plan.cache_dir, cache.stats["lost_bytes"])
+        if mount.meta_store is not None:
+            mount.meta_store.close()
         cache.close()
         plan.backend.close()
 
@@ -436,6 +439,7 @@ class Mount:
     cache: BlockCache
     uploader: Uploader
     vfs: VFS
+    meta_store: MetaStore | None = None
 
 
 def build(backend: Backend, cache_dir: str, opts: MountOptions, notify: Notify) -> Mount:
@@ -458,12 +462,19 @@ def build(backend: Backend, cache_dir: str, opts: MountOptions, notify: Notify) 
     vfs = VFS(backend, cache, uploader,
               VfsOptions(uid=opts.uid, gid=opts.gid, read_only=opts.read_only,
                          attr_timeout=opts.attr_timeout, sync_upload=opts.sync_upload,
-                         dir_cache_time=opts.dir_cache_time, readahead_blocks=opts.readahead,
+                         dir_cache_time=opts.dir_cache_time, dir_cache_entries=opts.dir_cache_entries,
+                         readahead_blocks=opts.readahead,
                          file_mode=opts.file_mode, dir_mode=opts.dir_mode),
               intents_dir=os.path.join(cache_dir, "intents"), notify=notify)
+    # HEAD results kept across mounts, where listings lack metadata (opened at first use,
+    # after cache.open() took the cache directory's lock).
+    store = None
+    if not backend.capabilities.listing_has_metadata and opts.meta_cache_entries:
+        store = MetaStore(os.path.join(cache_dir, meta_store.FILE), opts.meta_cache_entries)
+        vfs.meta.store = store
     # Uploads that failed while the store was away go again as soon as it answers.
     backend.watch_reachability(lambda up: queue.retry_now() if up else None)
-    return Mount(queue, cache, uploader, vfs)
+    return Mount(queue, cache, uploader, vfs, store)
 
 
 async def _flush_before_exit(uploader: Uploader, progress: bool) -> list[File]:

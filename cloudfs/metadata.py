@@ -5,8 +5,10 @@ This module turns names into inodes by asking the store (HEAD, LIST) as little a
 * an inode whose attributes were confirmed less than ``attr_timeout`` ago is used as is,
   and so is a file with local changes (they win until uploaded);
 * a name looked up and not found is remembered as absent for ``attr_timeout``;
-* a folder listed completely here, or made here, knows all its names for ``attr_timeout``:
-  any other name in it is absent without a request;
+* a folder listed completely here, or made here, keeps its listing (:mod:`cloudfs.listings`)
+  for ``dir_cache_time``: readdir is answered from it, and any other name in it is absent,
+  for lookups and creates alike, without a request.  This mount's own changes update it;
+  other tools' changes show up once it expires;
 * a listing reuses the attributes of objects whose ETag did not change for
   ``dir_cache_time`` (S3 listings carry no user metadata; a HEAD per object is what that saves).
 
@@ -31,6 +33,8 @@ from cloudfs.cache.file import Remote
 from cloudfs.layout import Attrs
 
 from .inodes import ROOT_INODE, Inode, InodeTable, Meta, join, parent_of
+from .listings import Fill, Listing, Listings
+from .meta_store import MetaStore
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,7 @@ class MetadataOptions:
     attr_timeout: float = 10.0
     dir_cache_time: float = 300.0
     head_parallel: int = 32
+    dir_cache_entries: int = 100_000  # entries of all listings kept, together (an LRU)
     file_mode: int = layout.DEFAULT_FILE_MODE  # of objects whose metadata has no mode
     dir_mode: int = layout.DEFAULT_DIR_MODE
 
@@ -60,10 +65,16 @@ class Metadata:
         self.table = table
         self.opts = opts
         self.negative: dict[str, float] = {}  # path -> absent until (monotonic)
-        # Folders whose complete list of names is known: path -> (valid until, names).
-        self.listed: dict[str, tuple[float, set[str]]] = {}
-        self.made_here: dict[str, float] = {}  # folders made by this mount -> until (monotonic)
+        # Folders whose complete listing is known (listed here, or made here), with every own
+        # change since applied: trusted for dir_cache_time, kept (LRU) for offline mode.
+        self.listings = Listings(opts.dir_cache_entries)
+        # Listings from the store in progress, by folder: own changes meanwhile go to them too.
+        self.fills: dict[str, list[Fill]] = {}
         self.head_limiter = trio.CapacityLimiter(opts.head_parallel)
+        # HEAD results kept across mounts (stores whose listings lack metadata; set by the
+        # daemon): a record checked before this mount started counts as checked at its start.
+        self.store: MetaStore | None = None
+        self.started = time.time()
 
     # ------------------------------------------------------------------ decoding
     def decode(self, info: ObjectInfo | None, is_dir: bool, server_mtime: float | None = None) -> Attrs:
@@ -82,22 +93,70 @@ class Metadata:
                 return True  # local changes win until uploaded
         elif inode.meta is not None and inode.meta.provisional:
             return False
+        elif inode.is_dir:
+            # A folder whose listing is trusted is known to exist as long as its names are.
+            known = self.listings.get(inode.path)
+            if known is not None and known.until > time.monotonic():
+                return True
         return time.monotonic() - inode.refreshed < self.opts.attr_timeout
 
     def listed_without(self, path: str) -> bool:
         """Whether the last complete listing of the parent, however old, lacks ``path``."""
-        known = self.listed.get(parent_of(path))
-        return known is not None and path.rpartition("/")[2] not in known[1]
+        known = self.listings.get(parent_of(path))
+        return known is not None and path.rpartition("/")[2] not in known.entries
 
-    def last_listing(self, path: str) -> list[Inode] | None:
-        """The folder's last complete listing, however old, if every entry in it is still
-        known."""
-        known = self.listed.get(path)
-        if known is None:
+    def _listing_lacks(self, path: str) -> bool:
+        """Whether the parent's listing is trusted (within dir_cache_time) and lacks ``path``."""
+        known = self.listings.get(parent_of(path))
+        return (known is not None and known.until > time.monotonic()
+                and path.rpartition("/")[2] not in known.entries)
+
+    async def cached_listing(self, path: str, stale: bool = False) -> list[Inode] | None:
+        """The folder's listing as inodes, answered without a LIST: while it is trusted
+        (within ``dir_cache_time``), or however old if ``stale`` (offline).  None if there is
+        none, or an entry can no longer be made into an inode."""
+        known = self.listings.get(path)
+        if known is None or (not stale and known.until <= time.monotonic()):
             return None
-        found = [self.table.get(join(path, name)) or self._last_known(join(path, name))
-                 for name in sorted(known[1])]
-        return None if any(inode is None for inode in found) else found  # type: ignore[return-value]
+        out: list[Inode] = []
+        for name, seen in list(known.entries.items()):
+            child = join(path, name)
+            inode = self.table.get(child) or self._revive(child, seen)
+            if inode is None and not stale:
+                # Known by name only (the store's version after a conflict): one lookup.
+                inode = await self.lookup(child)
+                if inode is None:
+                    continue  # gone; lookup dropped the name
+            if inode is None:
+                return None
+            if name in known.entries:
+                known.entries[name] = inode  # what the table has now (a newer version)
+            out.append(inode)
+        return out
+
+    def _revive(self, path: str, seen: Inode | None) -> Inode | None:
+        """An inode again for what a listing saw at ``path``, though the kernel made us forget
+        it (the table dropped it): the same File or Meta, so no request is needed."""
+        if seen is None:
+            return self._last_known(path)
+        if seen.file is not None:
+            file = self.cache.by_key.get(path)
+            if file is None:
+                old = seen.file
+                if old.base is None or old.unlinked or old.pending or old.key != path:
+                    return None
+                file = self.cache.file_for(path, old.base, old.attrs, old.foreign)
+            return self.table.add(path, file=file)
+        if seen.meta is not None and seen.path == path:
+            return self.table.add(path, meta=seen.meta)
+        return None
+
+    def _listed_folder(self, path: str) -> Inode | None:
+        """The inode of a folder whose listing is trusted, though the kernel made us forget it."""
+        known = self.listings.get(path)
+        if known is None or known.folder is None or known.until <= time.monotonic():
+            return None
+        return self.table.add(path, meta=known.folder)
 
     def _last_known(self, path: str) -> Inode | None:
         """An inode for what ``path`` was when last seen, though the kernel made us forget it:
@@ -105,46 +164,64 @@ class Metadata:
         file = self.cache.by_key.get(path)
         if file is not None:
             return self.table.add(path, file=file)
-        if path in self.listed:
+        if self.listings.get(path) is not None:
             return self.remember_dir(path, None)
         return None
 
     def known_absent(self, path: str) -> bool:
-        now = time.monotonic()
-        if self.negative.get(path, 0.0) > now:
+        if self.negative.get(path, 0.0) > time.monotonic():
             return True
-        known = self.listed.get(parent_of(path))
-        return known is not None and known[0] > now and path.rpartition("/")[2] not in known[1]
+        return self._listing_lacks(path)
 
     # ------------------------------------------------------------------ bookkeeping of our own changes
-    def added(self, path: str) -> None:
-        self.negative.pop(path, None)
-        known = self.listed.get(parent_of(path))
-        if known is not None:
-            known[1].add(path.rpartition("/")[2])
+    def _changed(self, path: str, added: bool) -> None:
+        """An own change of the name ``path``: into the parent's listing, and into the
+        listings of it in progress."""
+        parent, _, name = path.rpartition("/")
+        if added:
+            self.listings.add(parent, name, self.table.get(path))
+        else:
+            self.listings.discard(parent, name)
+        for fill in self.fills.get(parent, ()):
+            fill.changes.append((name, added))
 
-    def removed(self, path: str) -> None:
+    def added(self, path: str) -> None:
+        """A name made here (create, mkdir, symlink, mknod, or a rename's new name)."""
+        self.negative.pop(path, None)
+        self._changed(path, True)
+        # Whatever had the name before (an empty folder a rename replaced) has no listing now.
+        self.listings.drop(path)
+        for fill in self.fills.get(path, ()):
+            fill.void = True
+
+    def removed(self, path: str, folder: bool = True) -> None:
+        """The name ``path`` is gone (``folder``: it may have been a folder, whose listings go)."""
         self.negative[path] = time.monotonic() + self.opts.attr_timeout
-        known = self.listed.get(parent_of(path))
-        if known is not None:
-            known[1].discard(path.rpartition("/")[2])
+        self._changed(path, False)
+        if folder:
+            self.listings.drop_below(path)
         prefix = path + "/"
-        below = [k for k in self.listed if k == path or k.startswith(prefix)]
-        for key in below:
-            del self.listed[key]
-        for key in [k for k in self.made_here if k == path or k.startswith(prefix)]:
-            del self.made_here[key]
+        for key, fills in self.fills.items():
+            if key == path or key.startswith(prefix):
+                for fill in fills:
+                    fill.void = True
+
+    def replaced_elsewhere(self, path: str) -> None:
+        """The store holds another version under ``path`` than the one this mount had (a
+        conflict: theirs kept the name).  The name stays listed; its next use asks the store."""
+        self.negative.pop(path, None)
+        self._changed(path, True)
 
     def created_dir(self, path: str) -> None:
-        """A folder made here is empty: all its names are known."""
+        """A folder made here is empty: all its names are known for dir_cache_time."""
         self.added(path)
-        until = time.monotonic() + self.opts.attr_timeout
-        self.listed[path] = (until, set())
-        self.made_here[path] = until
+        inode = self.table.get(path)
+        self.listings.put(path, Listing(time.monotonic() + self.opts.dir_cache_time,
+                                        folder=inode.meta if inode is not None else None))
 
     # ------------------------------------------------------------------ lookups
     async def lookup(self, path: str) -> Inode | None:
-        inode = self.table.get(path)
+        inode = self.table.get(path) or self._listed_folder(path)
         if inode is not None and self.fresh(inode):
             return inode
         if inode is None and self.known_absent(path):
@@ -159,23 +236,29 @@ class Metadata:
             if self.listed_without(path):
                 return None
             raise
+        parent, _, name = path.rpartition("/")
         if found is None:
             self.negative[path] = time.monotonic() + self.opts.attr_timeout
             self.cache.absent(path)
             old = self.table.get(path)
             if old is not None and not (old.file is not None and old.file.pending):
                 self.table.detach(old)
+            self.listings.discard(parent, name)  # gone (another tool deleted it)
+        else:
+            self.listings.add(parent, name, found)  # there (another tool made it)
         return found
 
     async def lookup_for_create(self, path: str) -> Inode | None:
         """What is at ``path`` right before a create.  The kernel sends CREATE while it holds a
-        negative entry, so remembered absence is not trusted: one HEAD asks the store, except
-        in a folder this mount made within ``attr_timeout`` (nothing else knew its name)."""
+        negative entry, so a remembered negative lookup is not trusted: one HEAD asks the
+        store, except in a folder whose complete listing this mount holds within
+        ``dir_cache_time`` (listed or made here) and that lacks the name.  Should another
+        tool make the name meanwhile, the upload's HEAD finds its object and both versions
+        are kept (a conflict copy, cache/uploader.py ``_check_remote``)."""
         inode = self.table.get(path)
         if inode is not None and self.fresh(inode):
             return inode
-        made = self.made_here.get(parent_of(path), 0.0) > time.monotonic()
-        if made and inode is None:
+        if inode is None and self._listing_lacks(path):
             return None
         try:
             info = await self.backend.head(path)
@@ -187,6 +270,7 @@ class Metadata:
             return inode
         if self._is_folder_blob(info) or self.decode(info, is_dir=False).is_dir:
             return await self.resolve(path, inode)
+        self._record(info)
         return self.remember_file(path, info)
 
     def pending_below(self, path: str) -> bool:
@@ -219,6 +303,7 @@ class Metadata:
             # A known file: one HEAD confirms it; a folder is asked for only if it is gone.
             await head(path)
             if path in found and not self._is_folder_blob(found[path]):
+                self._record(found[path])
                 return self.remember_file(path, found[path])
         # The object, the folder marker (with its attributes; blobfuse2's folder blobs are
         # found this way too) and whether anything lies below: requests in parallel.
@@ -229,6 +314,8 @@ class Metadata:
                 n.start_soon(head, path + "/")
                 n.start_soon(below)
         info = found.get(path)
+        if info is not None:
+            self._record(info)
         if info is not None and not self._is_folder_blob(info):
             if not self.decode(info, is_dir=False).is_dir:
                 return self.remember_file(path, info)
@@ -236,6 +323,11 @@ class Metadata:
         if marker is not None or listing[0] or self.pending_below(path):
             return self.remember_dir(path, marker)
         return None
+
+    def _record(self, info: ObjectInfo) -> None:
+        """A HEAD result a later listing (of this mount or the next) need not ask again."""
+        if self.store is not None:
+            self.store.record([info])
 
     @staticmethod
     def _is_folder_blob(info: ObjectInfo) -> bool:
@@ -301,6 +393,13 @@ class Metadata:
         need_head = [o for o in page.objects if o.metadata is None and o.key != prefix
                      and not o.key.endswith("/") and known(o) is None]
         heads: dict[str, ObjectInfo] = {}
+        if need_head and self.store is not None:
+            # Recorded by this or an earlier mount, for the same ETag, within dir_cache_time.
+            fresh_after = time.time() - self.opts.dir_cache_time
+            for key, (info, checked) in self.store.lookup(need_head).items():
+                if max(checked, self.started) > fresh_after:
+                    heads[key] = ObjectInfo(key, info.size, info.etag, info.mtime, info.metadata)
+            need_head = [o for o in need_head if o.key not in heads]
         if need_head:
             async def head(key: str) -> None:
                 async with self.head_limiter:
@@ -313,6 +412,8 @@ class Metadata:
                 async with trio.open_nursery() as n:
                     for o in need_head:
                         n.start_soon(head, o.key)
+            if self.store is not None:
+                self.store.record([heads[o.key] for o in need_head if o.key in heads])  # one transaction
         entries: list[Inode] = []
         for o in page.objects:
             if o.key == prefix or not o.key.startswith(prefix) or o.key.endswith("/"):
@@ -333,8 +434,31 @@ class Metadata:
                 entries.append(self.remember_dir(sub, None, provisional=True))
         return ListingPage(entries, not page.next_token, page.next_token)
 
-    def listing_done(self, path: str, names: set[str]) -> None:
-        self.listed[path] = (time.monotonic() + self.opts.attr_timeout, names)
+    def begin_fill(self, path: str) -> Fill:
+        """A listing of ``path`` from the store starts (its first page)."""
+        fill = Fill(path)
+        self.fills.setdefault(path, []).append(fill)
+        return fill
+
+    def end_fill(self, fill: Fill, entries: list[tuple[str, Inode]] | None) -> None:
+        """The listing is complete with ``entries`` (in order), or was abandoned (None).  A
+        complete one, with the own changes made meanwhile applied, is kept for dir_cache_time."""
+        fills = self.fills.get(fill.path, [])
+        if fill in fills:
+            fills.remove(fill)
+        if not fills:
+            self.fills.pop(fill.path, None)
+        if entries is None or fill.void:
+            return
+        names: dict[str, Inode | None] = dict(entries)
+        for name, added in fill.changes:
+            if added:
+                names[name] = self.table.get(join(fill.path, name))
+            else:
+                names.pop(name, None)
+        folder = self.table.get(fill.path)
+        self.listings.put(fill.path, Listing(time.monotonic() + self.opts.dir_cache_time, names,
+                                             folder.meta if folder is not None and folder.is_dir else None))
 
     def local_children(self, path: str) -> list[Inode]:
         """Files below ``path`` (direct children) with changes the store does not have yet."""

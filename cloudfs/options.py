@@ -30,11 +30,22 @@ OPTIONS: dict[str, str] = {
     "max_dirty": "written-but-not-uploaded data before writers wait (default: half of cache_size)",
     "block_size": "cache block and multipart part size (default 8M)",
     "writeback_delay": "seconds after the last write before a file is uploaded, e.g. 5, 5s, 2m (default 5s)",
-    "dir_cache_time": "seconds a folder listing reuses the metadata of objects whose ETag is unchanged, "
-                      "so a repeated `ls -l` sends no HEAD requests (default 300)",
+    "dir_cache_time": "seconds a complete folder listing is kept: `ls` of the folder is answered from it "
+                      "with no request, a name not in it is missing without a request (lookups and "
+                      "creates), and listings reuse the metadata of objects whose ETag is unchanged; "
+                      "this mount's own changes update it, other tools' changes show up after at most "
+                      "this (default 300, as rclone's --dir-cache-time)",
+    "dir_cache_entries": "entries of all kept folder listings together, least recently used dropped "
+                         "first; a folder with more entries is listed from the store every time "
+                         "(default 100000)",
+    "meta_cache_entries": "objects whose HEAD result is kept in the cache directory (metadata.db), so a "
+                          "listing after a remount sends no HEAD for objects whose ETag is unchanged; "
+                          "oldest dropped first; only for stores whose listings lack metadata (S3, "
+                          "Swift); 0 turns it off (default 500000)",
     "sync_upload": "fsync() and close() return only after the upload finished",
-    "attr_timeout": "seconds metadata, missing names and folder listings are cached by cloudfs and "
-                    "the kernel; changes by other tools show up after at most this (default 10)",
+    "attr_timeout": "seconds metadata and missing names are cached by cloudfs and the kernel; changes "
+                    "by other tools show up after at most this, except in folder listings and in "
+                    "folders whose listing is kept (see dir_cache_time) (default 10)",
     "readahead": "blocks fetched ahead of a sequential reader (default 4)",
     "transfers": "files uploaded in parallel (default 4)",
     "connections": "concurrent requests to the backend (default 16)",
@@ -80,6 +91,8 @@ class MountOptions:
     sync_upload: bool = False
     attr_timeout: float = 10.0
     dir_cache_time: float = 300.0
+    dir_cache_entries: int = 100_000
+    meta_cache_entries: int = 500_000
     readahead: int = 4
     transfers: int = 4
     connections: int = 16
@@ -155,8 +168,10 @@ def _flag(name: str, value: str) -> None:
 
 
 # Smallest accepted value of each numeric option (the largest is checked where it matters).
-MINIMUM = {"uid": 0, "gid": 0, "readahead": 0, "transfers": 1, "connections": 1, "retries": 1,
-           "cache_size": 1, "min_free": 0, "max_dirty": 1, "timeout": 0.001, "metadata_timeout": 0.001}
+MINIMUM = {"uid": 0, "gid": 0, "readahead": 0, "dir_cache_entries": 0, "meta_cache_entries": 0,
+           "transfers": 1, "connections": 1,
+           "retries": 1, "cache_size": 1, "min_free": 0, "max_dirty": 1, "timeout": 0.001,
+           "metadata_timeout": 0.001}
 
 
 # Backend options that are yes/no flags; the backends read them, this only refuses nonsense.
@@ -200,7 +215,8 @@ def parse(options: dict[str, str], backend_options: frozenset[str]) -> MountOpti
                 m.noexec = name == "noexec"
             elif name not in ALWAYS_ON:
                 setattr(m, name, True)
-        elif name in ("uid", "gid", "readahead", "transfers", "connections", "retries"):
+        elif name in ("uid", "gid", "readahead", "transfers", "connections", "retries", "dir_cache_entries",
+                      "meta_cache_entries"):
             setattr(m, name, _int(name, value))
         elif name in ("umask", "file_mode", "dir_mode"):
             modes[name] = _octal(name, value)

@@ -38,6 +38,7 @@ from cloudfs.layout import Attrs
 
 from .handles import DirHandle, FileHandle, Handles, ReadAhead
 from .inodes import ROOT_INODE, Inode, InodeTable, Meta, join, parent_of
+from .listings import Fill
 from .metadata import Metadata, MetadataOptions
 from .rename import Renamer
 
@@ -76,6 +77,7 @@ class VfsOptions:
     read_only: bool = False
     attr_timeout: float = 10.0
     dir_cache_time: float = 300.0
+    dir_cache_entries: int = 100_000
     sync_upload: bool = False
     readahead_blocks: int = 4
     file_mode: int = layout.DEFAULT_FILE_MODE  # of objects whose metadata has no mode
@@ -107,8 +109,10 @@ class VFS:
         self.table = InodeTable(root, on_drop=self._dropped)
         self.meta = Metadata(backend, cache, self.table,
                              MetadataOptions(opts.uid, opts.gid, opts.attr_timeout, opts.dir_cache_time,
+                                             dir_cache_entries=opts.dir_cache_entries,
                                              file_mode=opts.file_mode, dir_mode=opts.dir_mode))
         self.handles = Handles()
+        self._fills: dict[int, Fill] = {}  # directory handle -> its listing from the store in progress
         self.renamer = Renamer(backend, cache, self.table, intents_dir)
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -142,8 +146,8 @@ class VFS:
         if inode is None or inode.file is not file:
             return
         self.table.move(old_key, new_key)
-        self.meta.removed(old_key)
-        self.meta.negative.pop(old_key, None)
+        self.meta.removed(old_key, folder=False)
+        self.meta.replaced_elsewhere(old_key)  # the store's version has the name
         self.meta.added(new_key)
         parent = self.table.get(parent_of(old_key))
         if parent is not None:
@@ -326,7 +330,9 @@ class VFS:
         return out
 
     async def _fill(self, handle: DirHandle) -> bool:
-        """One more listing page into the handle; False when the listing is done."""
+        """One more listing page into the handle; False when the listing is done.  A folder
+        whose complete listing is held (within dir_cache_time) is answered from it, with no
+        request; otherwise it is listed from the store and the result is kept."""
         if handle.done:
             return False
         path = handle.inode.path
@@ -336,25 +342,39 @@ class VFS:
             handle.add("..", self.table.get(parent_of(path)) or self.table.root)
             for child in self.meta.local_children(path):
                 handle.add(child.path.rpartition("/")[2], child)
+            cached = await self.meta.cached_listing(path)
+            if cached is not None:
+                for inode in cached:
+                    handle.add(inode.path.rpartition("/")[2], inode)
+                handle.done = True
+                return True
+            self._fills[handle.fh] = self.meta.begin_fill(path)
         try:
             page = await self.meta.list_page(path, handle.token)
         except Transient:
-            last = self.meta.last_listing(path) if handle.token is None else None
+            last = await self.meta.cached_listing(path, stale=True) if handle.token is None else None
             if last is None:
                 raise
             for inode in last:  # the store does not answer: the last complete listing stands
                 handle.add(inode.path.rpartition("/")[2], inode)
             handle.done = True
+            self._end_fill(handle.fh, None)
             return True
         for inode in page.entries:
             handle.add(inode.path.rpartition("/")[2], inode)
         handle.token = page.token
         handle.done = page.done
         if page.done:
-            self.meta.listing_done(path, handle.seen - {".", ".."})
+            self._end_fill(handle.fh, [(os.fsdecode(name), inode) for name, inode in handle.entries[2:]])
         return True
 
+    def _end_fill(self, fh: int, entries: list[tuple[str, Inode]] | None) -> None:
+        fill = self._fills.pop(fh, None)
+        if fill is not None:
+            self.meta.end_fill(fill, entries)
+
     def releasedir(self, fh: int) -> None:
+        self._end_fill(fh, None)  # a listing given up half-way is not kept
         self.handles.dirs.pop(fh, None)
 
     # ------------------------------------------------------------------ files
@@ -482,7 +502,7 @@ class VFS:
             raise fail(errno.EISDIR)
         await self._remove_file(inode)
         self.table.detach(inode)
-        self.meta.removed(path)
+        self.meta.removed(path, folder=False)
 
     async def _remove_file(self, inode: Inode) -> None:
         """The object at ``inode``'s name goes away: journaled first, so a crash can neither

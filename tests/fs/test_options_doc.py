@@ -39,6 +39,8 @@ BAD_VALUES: dict[str, list[tuple[str, str]]] = {
     "cache_size": [("-1G", "not a size"), ("0", "at least 1"), ("lots", "not a size"),
                    ("1M", "at least 4 blocks")],
     "min_free": [("-1", "not a size"), ("x", "not a size")],
+    "dir_cache_entries": [("-1", "at least 0"), ("many", "not a number")],
+    "meta_cache_entries": [("-1", "at least 0"), ("1e9x", "not a number")],
     "max_dirty": [("0", "at least 1"), ("-5M", "not a size"), ("1T", "must not exceed cache_size")],
     "block_size": [("0", "between 64K and 1G"), ("2G", "between 64K and 1G"), ("-8M", "not a size")],
     "writeback_delay": [("-5", "not a duration"), ("soon", "not a duration")],

@@ -67,6 +67,7 @@ class SetAttr:
     size: int | None = None
     mtime_ns: int | None = None
     atime_ns: int | None = None
+    ctime_ns: int | None = None  # the kernel's, when it keeps the times (write-back cache)
 
 
 @dataclass
@@ -203,6 +204,7 @@ class VFS:
         self._writable()
         inode = self.inode(ino)
         attrs = replace(inode.attrs, xattrs=dict(inode.attrs.xattrs))
+        now = time.time_ns()
         if change.mode is not None:
             attrs.mode = stat.S_IFMT(attrs.mode) | stat.S_IMODE(change.mode)
         if change.uid is not None:
@@ -216,9 +218,11 @@ class VFS:
                 raise fail(errno.EISDIR if inode.is_dir else errno.EINVAL)
             await self.cache.truncate(inode.file, change.size)
             if change.mtime_ns is None:
-                attrs.mtime_ns = time.time_ns()
-        attr_change = (change.mode, change.uid, change.gid, change.mtime_ns) != (None,) * 4
-        if attr_change or change.size is not None:
+                attrs.mtime_ns = now
+        if change != SetAttr():
+            # Every attribute change, a truncate or a utime of atime alone included, is a
+            # change of the inode: its ctime moves (atime itself is not stored).
+            attrs.ctime_ns = now if change.ctime_ns is None else change.ctime_ns
             await self._store_attrs(inode, attrs)
         return inode
 
@@ -258,7 +262,7 @@ class VFS:
             meta.etag = await self.backend.put(inode.key, Payload.from_bytes(b""), meta_text)
         else:
             meta.etag = await self.backend.set_metadata(inode.key, meta_text)
-        meta.attrs, meta.stored, meta.ctime_ns = attrs, True, time.time_ns()
+        meta.attrs, meta.stored = attrs, True
         meta.refreshed = time.monotonic()
 
     async def load_root(self) -> None:
@@ -397,8 +401,8 @@ class VFS:
         if flags & os.O_TRUNC and file.size:
             try:
                 await self.cache.truncate(file, 0)
-                attrs = replace(file.attrs, mtime_ns=time.time_ns())
-                self.cache.set_attrs(file, attrs)
+                now = time.time_ns()
+                self.cache.set_attrs(file, replace(file.attrs, mtime_ns=now, ctime_ns=now))
             except BaseException:
                 await self.release(handle.fh)
                 raise
@@ -543,12 +547,23 @@ class VFS:
                 await self._remove_file(target)  # nothing of ours overwrites its object on the store
             else:
                 await self._replaced(target)
-        await self.renamer.rename(inode, new, inode.attrs if inode.is_dir else None)
+        # The renamed inode's ctime moves (as on Linux): a folder's goes into its new marker,
+        # anything else's is a metadata update once it is in place.
+        moved = replace(inode.attrs, xattrs=dict(inode.attrs.xattrs), ctime_ns=time.time_ns())
+        await self.renamer.rename(inode, new, moved if inode.is_dir else None)
         if target is not None:
             self.table.detach(target)
         self.table.move(old, new)
         self.meta.removed(old)
         self.meta.added(new)
+        if inode.is_dir:
+            assert inode.meta is not None
+            inode.meta.attrs = moved
+        else:
+            try:
+                await self._store_attrs(inode, moved)
+            except BackendError as exc:  # the rename is done: only its ctime is not stored
+                log.warning("%s: the new ctime is not stored: %s", new, exc)
 
     async def _replaced(self, target: Inode) -> None:
         """A file the rename replaces: its object is overwritten by the move, so only the local
@@ -618,7 +633,7 @@ class VFS:
         if not name.startswith(XATTR_NAMESPACE):
             raise fail(errno.ENOTSUP, "only user.* extended attributes are stored")
         inode = self.inode(ino)
-        attrs = replace(inode.attrs, xattrs={**inode.attrs.xattrs, name: value})
+        attrs = replace(inode.attrs, xattrs={**inode.attrs.xattrs, name: value}, ctime_ns=time.time_ns())
         await self._store_attrs(inode, attrs)
 
     async def removexattr(self, ino: int, name: bytes) -> None:
@@ -628,7 +643,8 @@ class VFS:
         inode = self.inode(ino)
         if name not in inode.attrs.xattrs:
             raise fail(errno.ENODATA)
-        attrs = replace(inode.attrs, xattrs={k: v for k, v in inode.attrs.xattrs.items() if k != name})
+        attrs = replace(inode.attrs, xattrs={k: v for k, v in inode.attrs.xattrs.items() if k != name},
+                        ctime_ns=time.time_ns())
         await self._store_attrs(inode, attrs)
 
     # ------------------------------------------------------------------ start-up

@@ -398,11 +398,15 @@ class VFS:
             self._writable()
         file = inode.file
         handle = self._open_handle(inode, file, flags)
-        if flags & os.O_TRUNC and file.size:
+        # The kernel leaves an O_TRUNC open to the file system (atomic_o_trunc), so the
+        # S_ISUID/S_ISGID a truncate by another user clears are cleared here.
+        mode = dropped_privileges(file.attrs, ctx) if flags & os.O_TRUNC else file.attrs.mode
+        if flags & os.O_TRUNC and (file.size or mode != file.attrs.mode):
             try:
-                await self.cache.truncate(file, 0)
+                if file.size:
+                    await self.cache.truncate(file, 0)
                 now = time.time_ns()
-                self.cache.set_attrs(file, replace(file.attrs, mtime_ns=now, ctime_ns=now))
+                self.cache.set_attrs(file, replace(file.attrs, mode=mode, mtime_ns=now, ctime_ns=now))
             except BaseException:
                 await self.release(handle.fh)
                 raise
@@ -654,6 +658,34 @@ class VFS:
         for file in deletions:
             assert file.delete_on_close is not None
             await self._delete_unlinked(file, file.delete_on_close.etag)
+
+
+def in_group(ctx: Ctx, gid: int) -> bool:
+    """Whether the caller is in group ``gid``: its own, or one of its supplementary groups
+    (which a FUSE request does not carry: read from /proc while the caller waits for us)."""
+    if ctx.gid == gid:
+        return True
+    try:
+        with open(f"/proc/{ctx.pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return str(gid) in line.split()[1:]
+    except OSError:
+        pass
+    return False
+
+
+def dropped_privileges(attrs: Attrs, ctx: Ctx) -> int:
+    """The mode a write or truncate by ``ctx`` leaves a regular file (Linux's
+    setattr_should_drop_suidgid): S_ISUID goes, and S_ISGID when group-executable or when the
+    caller is not in the file's group, unless the caller is root (CAP_FSETID)."""
+    mode = attrs.mode
+    if ctx.uid == 0 or not stat.S_ISREG(mode):
+        return mode
+    mode &= ~stat.S_ISUID
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not in_group(ctx, attrs.gid)):
+        mode &= ~stat.S_ISGID
+    return mode
 
 
 RENAME_NOREPLACE = 1  # linux/fs.h

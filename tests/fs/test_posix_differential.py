@@ -229,6 +229,20 @@ SEQUENCES: dict[str, list[Step]] = {
         ("nobody", "truncate", "f", 0),  # so does a truncate
         ("root", "stat", "f"),
         ("root", "chmod", "f", 0o6777),
+        ("nobody", "open", "f", ["O_WRONLY", "O_TRUNC"]),  # and an O_TRUNC open
+        ("root", "stat", "f"),
+        ("root", "chmod", "f", 0o6777),
+        ("nobody", "open", "f", ["O_WRONLY", "O_TRUNC"]),  # of an empty file too
+        ("root", "stat", "f"),
+        ("root", "chmod", "f", 0o2767),
+        ("nobody", "open", "f", ["O_WRONLY", "O_TRUNC"]),  # S_ISGID, not group-exec, other group
+        ("root", "stat", "f"),
+        ("root", "chmod", "f", 0o6777),
+        ("nobody", "ftruncate", "f", 0),
+        ("root", "stat", "f"),
+        ("root", "chmod", "f", 0o6777),
+        ("root", "open", "f", ["O_WRONLY", "O_TRUNC"]),  # root's keeps them
+        ("root", "stat", "f"),
         ("root", "write", "f", "x"),  # root's writes keep them
         ("root", "stat", "f"),
         ("root", "open", "g", ["O_CREAT", "O_WRONLY"]),

@@ -81,8 +81,8 @@ def run(op: str, *args: Any) -> Any:
     if op == "read":
         with open(args[0], "rb") as f:
             return f.read().decode(errors="replace")
-    if op == "ftruncate":
-        fd = os.open(args[0], os.O_WRONLY)
+    if op == "ftruncate":  # path, size[, open flag names]
+        fd = os.open(args[0], _flags(args[2]) if len(args) > 2 else os.O_WRONLY)
         try:
             os.ftruncate(fd, args[1])
         finally:

@@ -108,6 +108,22 @@ SEQUENCES: dict[str, list[Step]] = {
         ("root", "open", "loop1", ["O_RDONLY"]),  # ELOOP
         ("root", "list", "."),
     ],
+    "dots_and_wrong_types": [
+        ("root", "mkdir", "d"),
+        ("root", "open", "f", ["O_CREAT", "O_WRONLY"]),
+        ("root", "rmdir", "."),  # EINVAL
+        ("root", "rmdir", "d/."),  # EINVAL
+        ("root", "rmdir", "d/.."),  # ENOTEMPTY
+        ("root", "rename", "d/.", "e"),  # EBUSY
+        ("root", "rename", "f", "d/.."),  # EBUSY
+        ("root", "ftruncate", "f", 0, ["O_RDONLY"]),  # EINVAL: not open for writing
+        ("root", "ftruncate", "d", 0, ["O_RDONLY", "O_DIRECTORY"]),  # EINVAL
+        ("root", "open", "/".join(["d"] * 2100), ["O_RDONLY"]),  # ENAMETOOLONG: over PATH_MAX
+        ("root", "symlink", "l2", "l1"),
+        ("root", "symlink", "l1", "l2"),
+        ("root", "stat", "l1/x"),  # ELOOP along the path
+        ("root", "list", "."),
+    ],
     "special_files": [
         ("root", "mkfifo", "p", 0o640),
         ("root", "mknod", "c", stat.S_IFCHR | 0o600, [1, 3]),

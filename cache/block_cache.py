@@ -45,7 +45,7 @@ import time
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import trio
 
@@ -426,14 +426,19 @@ class BlockCache:
     # ------------------------------------------------------------------ attributes
     def set_attrs(self, file: File, attrs: Attrs) -> None:
         """New mode/owner/times/xattrs: journaled, and uploaded with the file (an object whose
-        content did not change gets a metadata update only)."""
+        content did not change gets a metadata update only).  ``attrs`` carries the ctime
+        (the caller's, or the kernel's): it replaces any earlier local change's."""
         file.attrs = attrs
-        file.ctime_ns = time.time_ns()
+        file.ctime_ns = 0
         self._changed_now(file)
 
     def metadata(self, file: File) -> dict[str, str]:
-        """What to store with the object: other tools' keys, then cloudfs's."""
-        return {**file.foreign, **layout.encode(file.attrs)}
+        """What to store with the object: other tools' keys, then cloudfs's (its ctime the
+        last change, a write or truncate included)."""
+        attrs = file.attrs
+        if file.ctime_ns > attrs.ctime:
+            attrs = replace(attrs, ctime_ns=file.ctime_ns)
+        return {**file.foreign, **layout.encode(attrs)}
 
     def _changed_now(self, file: File, journal: bool = True) -> None:
         """``file`` changed (content or attributes): it must be uploaded, and the journal says so

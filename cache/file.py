@@ -106,7 +106,9 @@ class File:
     holds: int = 0  # uploads may not start while > 0 (a directory rename in progress)
     last_change: float = 0.0  # monotonic time of the last change: the write-back delay counts from it
     refreshed: float = field(default_factory=time.monotonic)  # attributes last confirmed by the store
-    ctime_ns: int = field(default_factory=time.time_ns)
+    # The last local change (write, truncate, attributes) not yet folded into ``attrs``'s
+    # ctime; 0: none.  Uploads and journal records store the later of the two.
+    ctime_ns: int = 0
     trunc_low: int = 0  # smallest size truncated to while an upload is in flight
     idle: trio.Event = field(default_factory=trio.Event)  # set while no upload is in flight
     # The journal record's order (BlockCache._write_record): every record built, or removal,

@@ -137,7 +137,7 @@ class CloudFS(pyfuse3.Operations):
         a.st_blocks = (a.st_size + 511) // 512
         a.st_mtime_ns = attrs.mtime_ns
         a.st_atime_ns = attrs.mtime_ns
-        a.st_ctime_ns = max(inode.ctime_ns, attrs.mtime_ns)
+        a.st_ctime_ns = inode.ctime_ns
         # A folder seen only as a listing prefix may have a marker with attributes: let the
         # kernel ask again (lookup resolves it) instead of caching the defaults.
         provisional = inode.meta is not None and inode.meta.provisional
@@ -179,6 +179,9 @@ class CloudFS(pyfuse3.Operations):
             size=attr.st_size if fields.update_size else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            # With the write-back cache the kernel keeps a regular file's times and sends
+            # its ctime along (FATTR_CTIME); for others the change's time is taken here.
+            ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
         )
         return self._attrs(await self.vfs.setattr(inode, change, _ctx(ctx)))
 

@@ -41,7 +41,6 @@ class Meta:
     # A folder seen only as a listing prefix: its attributes are defaults until a lookup.
     provisional: bool = False
     target: bytes | None = None  # symlink target, once read
-    ctime_ns: int = field(default_factory=time.time_ns)
 
 
 @dataclass(eq=False)
@@ -83,7 +82,10 @@ class Inode:
 
     @property
     def ctime_ns(self) -> int:
-        return self.file.ctime_ns if self.file is not None else self.meta.ctime_ns  # type: ignore[union-attr]
+        """st_ctime: the stored ctime, or a file's later local change not yet in its attrs."""
+        if self.file is not None:
+            return max(self.file.attrs.ctime, self.file.ctime_ns)
+        return self.attrs.ctime
 
     @property
     def refreshed(self) -> float:

@@ -7,6 +7,8 @@ header prefix):
 * ``mode``  decimal st_mode including the file-type bits (``33188`` for a 0644 file)
 * ``uid``/``gid``  decimal
 * ``mtime`` epoch seconds with a 9-digit fraction (``1700000000.500000000``)
+* ``ctime`` the same form (s3fs writes ``%ld`` or ``%ld.%09ld``); an object without one has
+  the store's last-modified time as ctime, as s3fs reads it
 * ``xattr`` s3fs's form: URL-encoded JSON object of name -> base64(value)
 * a symlink is an object whose body is the target, with S_IFLNK in ``mode``
 * a FIFO, socket or device node is an empty object with its type in ``mode`` and, for a
@@ -57,6 +59,18 @@ class Attrs:
     size: int = 0
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     rdev: int = 0  # the device number of a device node
+    # The last change of the file or its attributes (st_ctime).  Never None once built:
+    # an Attrs made without one has its mtime as ctime (s3fs's reading of such an object).
+    ctime_ns: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.ctime_ns is None:
+            self.ctime_ns = self.mtime_ns
+
+    @property
+    def ctime(self) -> int:
+        """``ctime_ns`` as an int (it is never None after construction)."""
+        return self.mtime_ns if self.ctime_ns is None else self.ctime_ns
 
     @property
     def is_dir(self) -> bool:
@@ -242,6 +256,10 @@ def decode(meta: dict[str, str] | None, *, is_dir: bool, size: int, server_mtime
     mtime = _mtime_from(meta)
     if mtime is None:
         mtime = _float_to_ns(server_mtime or 0.0)
+    # s3fs's get_ctime(): the ``ctime`` key, else the store's last-modified time.
+    ctime = parse_epoch(meta["ctime"]) if "ctime" in meta else None
+    if ctime is None and server_mtime is not None:
+        ctime = _float_to_ns(server_mtime)
     uid = _int(meta, "uid", "goog-reserved-posix-uid")
     gid = _int(meta, "gid", "goog-reserved-posix-gid")
     rdev = (_int(meta, "rdev") or 0) if ftype in (stat.S_IFCHR, stat.S_IFBLK) else 0
@@ -253,6 +271,7 @@ def decode(meta: dict[str, str] | None, *, is_dir: bool, size: int, server_mtime
         size=0 if ftype == stat.S_IFDIR or ftype in SPECIAL_TYPES else size,
         xattrs=decode_xattrs(meta["xattr"]) if "xattr" in meta else {},
         rdev=rdev,
+        ctime_ns=ctime,  # None (no ctime, no last-modified time): the mtime
     )
 
 
@@ -263,6 +282,7 @@ def encode(attrs: Attrs) -> dict[str, str]:
         "uid": str(attrs.uid),
         "gid": str(attrs.gid),
         "mtime": format_epoch(attrs.mtime_ns),
+        "ctime": format_epoch(attrs.ctime),
     }
     if attrs.xattrs:
         meta["xattr"] = encode_xattrs(attrs.xattrs)
@@ -276,7 +296,7 @@ def metadata_size(meta: dict[str, str]) -> int:
 
 
 # cloudfs's keys, the uploader's token among them.
-OWN_KEYS = frozenset({"mode", "uid", "gid", "mtime", "xattr", "rdev", "cloudfs_upload"})
+OWN_KEYS = frozenset({"mode", "uid", "gid", "mtime", "ctime", "xattr", "rdev", "cloudfs_upload"})
 
 
 def foreign(meta: dict[str, str] | None) -> dict[str, str]:

@@ -68,6 +68,7 @@ class SetAttr:
     size: int | None = None
     mtime_ns: int | None = None
     atime_ns: int | None = None
+    ctime_ns: int | None = None  # the kernel's, when it keeps the times (write-back cache)
 
 
 @dataclass
@@ -207,6 +208,7 @@ class VFS:
         self._writable()
         inode = self.inode(ino)
         attrs = replace(inode.attrs, xattrs=dict(inode.attrs.xattrs))
+        now = time.time_ns()
         if change.mode is not None:
             attrs.mode = stat.S_IFMT(attrs.mode) | stat.S_IMODE(change.mode)
         if change.uid is not None:
@@ -220,9 +222,11 @@ class VFS:
                 raise fail(errno.EISDIR if inode.is_dir else errno.EINVAL)
             await self.cache.truncate(inode.file, change.size)
             if change.mtime_ns is None:
-                attrs.mtime_ns = time.time_ns()
-        attr_change = (change.mode, change.uid, change.gid, change.mtime_ns) != (None,) * 4
-        if attr_change or change.size is not None:
+                attrs.mtime_ns = now
+        if change != SetAttr():
+            # Every attribute change, a truncate or a utime of atime alone included, is a
+            # change of the inode: its ctime moves (atime itself is not stored).
+            attrs.ctime_ns = now if change.ctime_ns is None else change.ctime_ns
             await self._store_attrs(inode, attrs)
         return inode
 
@@ -262,7 +266,7 @@ class VFS:
             meta.etag = await self.backend.put(inode.key, Payload.from_bytes(b""), meta_text)
         else:
             meta.etag = await self.backend.set_metadata(inode.key, meta_text)
-        meta.attrs, meta.stored, meta.ctime_ns = attrs, True, time.time_ns()
+        meta.attrs, meta.stored = attrs, True
         meta.refreshed = time.monotonic()
 
     async def load_root(self) -> None:
@@ -414,11 +418,15 @@ class VFS:
             self._writable()
         file = inode.file
         handle = self._open_handle(inode, file, flags)
-        if flags & os.O_TRUNC and file.size:
+        # The kernel leaves an O_TRUNC open to the file system (atomic_o_trunc), so the
+        # S_ISUID/S_ISGID a truncate by another user clears are cleared here.
+        mode = dropped_privileges(file.attrs, ctx) if flags & os.O_TRUNC else file.attrs.mode
+        if flags & os.O_TRUNC and (file.size or mode != file.attrs.mode):
             try:
-                await self.cache.truncate(file, 0)
-                attrs = replace(file.attrs, mtime_ns=time.time_ns())
-                self.cache.set_attrs(file, attrs)
+                if file.size:
+                    await self.cache.truncate(file, 0)
+                now = time.time_ns()
+                self.cache.set_attrs(file, replace(file.attrs, mode=mode, mtime_ns=now, ctime_ns=now))
             except BaseException:
                 await self.release(handle.fh)
                 raise
@@ -563,12 +571,23 @@ class VFS:
                 await self._remove_file(target)  # nothing of ours overwrites its object on the store
             else:
                 await self._replaced(target)
-        await self.renamer.rename(inode, new, inode.attrs if inode.is_dir else None)
+        # The renamed inode's ctime moves (as on Linux): a folder's goes into its new marker,
+        # anything else's is a metadata update once it is in place.
+        moved = replace(inode.attrs, xattrs=dict(inode.attrs.xattrs), ctime_ns=time.time_ns())
+        await self.renamer.rename(inode, new, moved if inode.is_dir else None)
         if target is not None:
             self.table.detach(target)
         self.table.move(old, new)
         self.meta.removed(old)
         self.meta.added(new)
+        if inode.is_dir:
+            assert inode.meta is not None
+            inode.meta.attrs = moved
+        else:
+            try:
+                await self._store_attrs(inode, moved)
+            except BackendError as exc:  # the rename is done: only its ctime is not stored
+                log.warning("%s: the new ctime is not stored: %s", new, exc)
 
     async def _replaced(self, target: Inode) -> None:
         """A file the rename replaces: its object is overwritten by the move, so only the local
@@ -638,7 +657,7 @@ class VFS:
         if not name.startswith(XATTR_NAMESPACE):
             raise fail(errno.ENOTSUP, "only user.* extended attributes are stored")
         inode = self.inode(ino)
-        attrs = replace(inode.attrs, xattrs={**inode.attrs.xattrs, name: value})
+        attrs = replace(inode.attrs, xattrs={**inode.attrs.xattrs, name: value}, ctime_ns=time.time_ns())
         await self._store_attrs(inode, attrs)
 
     async def removexattr(self, ino: int, name: bytes) -> None:
@@ -648,7 +667,8 @@ class VFS:
         inode = self.inode(ino)
         if name not in inode.attrs.xattrs:
             raise fail(errno.ENODATA)
-        attrs = replace(inode.attrs, xattrs={k: v for k, v in inode.attrs.xattrs.items() if k != name})
+        attrs = replace(inode.attrs, xattrs={k: v for k, v in inode.attrs.xattrs.items() if k != name},
+                        ctime_ns=time.time_ns())
         await self._store_attrs(inode, attrs)
 
     # ------------------------------------------------------------------ start-up
@@ -658,6 +678,34 @@ class VFS:
         for file in deletions:
             assert file.delete_on_close is not None
             await self._delete_unlinked(file, file.delete_on_close.etag)
+
+
+def in_group(ctx: Ctx, gid: int) -> bool:
+    """Whether the caller is in group ``gid``: its own, or one of its supplementary groups
+    (which a FUSE request does not carry: read from /proc while the caller waits for us)."""
+    if ctx.gid == gid:
+        return True
+    try:
+        with open(f"/proc/{ctx.pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return str(gid) in line.split()[1:]
+    except OSError:
+        pass
+    return False
+
+
+def dropped_privileges(attrs: Attrs, ctx: Ctx) -> int:
+    """The mode a write or truncate by ``ctx`` leaves a regular file (Linux's
+    setattr_should_drop_suidgid): S_ISUID goes, and S_ISGID when group-executable or when the
+    caller is not in the file's group, unless the caller is root (CAP_FSETID)."""
+    mode = attrs.mode
+    if ctx.uid == 0 or not stat.S_ISREG(mode):
+        return mode
+    mode &= ~stat.S_ISUID
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not in_group(ctx, attrs.gid)):
+        mode &= ~stat.S_ISGID
+    return mode
 
 
 RENAME_NOREPLACE = 1  # linux/fs.h

@@ -14,6 +14,7 @@ import socket
 import stat
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -236,6 +237,61 @@ def test_chmod_chown_utime_persist(mnt: Mount) -> None:
     assert stat.S_IMODE(st.st_mode) == 0o600
     assert (st.st_uid, st.st_gid) == (1234, 5678)
     assert st.st_mtime_ns == 1_600_000_000_123_456_789
+
+
+def _moves_ctime(path: Path, change: Callable[[], object], now_at: Path | None = None) -> os.stat_result:
+    """``change()`` moves ``path``'s st_ctime (the clock ticks in between); ``now_at``: its
+    name afterwards."""
+    before = os.lstat(path)
+    time.sleep(0.02)
+    change()
+    after = os.lstat(now_at or path)
+    assert after.st_ctime_ns > before.st_ctime_ns, change
+    return after
+
+
+def test_ctime_moves_with_every_change_and_survives_remount(mnt: Mount) -> None:
+    """st_ctime is stored (s3fs's ``ctime`` key) and moves with write, truncate, chmod,
+    chown, utime, xattr changes and rename; a read does not move it, and a remount keeps it."""
+    p = mnt.path / "f"
+    p.write_bytes(b"data")
+    _moves_ctime(p, lambda: os.chmod(p, 0o600))
+    _moves_ctime(p, lambda: os.chown(p, 1234, 5678))
+    st = _moves_ctime(p, lambda: os.utime(p, ns=(10**18, 10**18)))
+    assert st.st_mtime_ns == 10**18 < st.st_ctime_ns  # a utime sets mtime, ctime is now
+    _moves_ctime(p, lambda: os.setxattr(p, "user.k", b"v"))
+    _moves_ctime(p, lambda: os.removexattr(p, "user.k"))
+
+    def append() -> None:
+        with open(p, "ab") as f:
+            f.write(b"+more")
+
+    st = _moves_ctime(p, append)
+    assert st.st_mtime_ns > 10**18
+    before = st
+    st = _moves_ctime(p, lambda: os.truncate(p, 2))
+    assert st.st_mtime_ns > before.st_mtime_ns
+    time.sleep(0.02)
+    assert p.read_bytes() == b"da"
+    assert os.lstat(p).st_ctime_ns == st.st_ctime_ns  # reading changes nothing
+    os.symlink("f", mnt.path / "link")
+    os.mkfifo(mnt.path / "fifo")
+    (mnt.path / "dir").mkdir()
+    _moves_ctime(mnt.path / "fifo", lambda: os.chmod(mnt.path / "fifo", 0o600))
+    _moves_ctime(mnt.path / "link", lambda: os.chown(mnt.path / "link", 7, 8, follow_symlinks=False))
+    _moves_ctime(p, lambda: os.rename(p, mnt.path / "g"), mnt.path / "g")
+    _moves_ctime(mnt.path / "link", lambda: os.rename(mnt.path / "link", mnt.path / "link2"),
+                 mnt.path / "link2")
+    names = ["g", "fifo", "link2"]
+    if not mnt.target.extra.get("divergences", {}).get("folder_attributes"):  # SeaweedFS drops them
+        _moves_ctime(mnt.path / "dir", lambda: os.chmod(mnt.path / "dir", 0o700))
+        _moves_ctime(mnt.path / "dir", lambda: os.setxattr(mnt.path / "dir", "user.k", b"v"))
+        _moves_ctime(mnt.path / "dir", lambda: os.rename(mnt.path / "dir", mnt.path / "dir2"),
+                     mnt.path / "dir2")
+        names.append("dir2")
+    ctimes = {n: os.lstat(mnt.path / n).st_ctime_ns for n in names}
+    mnt.remount()
+    assert {n: os.lstat(mnt.path / n).st_ctime_ns for n in names} == ctimes
 
 
 def test_mkdir_mode_persists(mnt: Mount) -> None:

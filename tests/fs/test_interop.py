@@ -219,11 +219,13 @@ def test_mount_writes_plain_objects(mnt: Mount, raw: Raw) -> None:
     os.chmod(mnt.path / "out" / "data.txt", 0o640)
     os.utime(mnt.path / "out" / "data.txt", ns=(1_700_000_000_000_000_001,) * 2)
     os.symlink("data.txt", mnt.path / "out" / "link")
+    ctime = os.lstat(mnt.path / "out" / "data.txt").st_ctime_ns
     mnt.stop()
     body, meta = raw.get("out/data.txt")
     assert body == b"plain bytes"
     assert meta["mode"] == str(stat.S_IFREG | 0o640)  # s3fs: decimal st_mode with type bits
     assert meta["mtime"] == "1700000000.000000001"  # all 9 fraction digits
+    assert meta["ctime"] == f"{ctime // 10**9}.{ctime % 10**9:09d}"  # s3fs's key, mtime's form
     assert meta["uid"] == str(os.getuid())
     body, meta = raw.get("out/link")
     assert body == b"data.txt" and int(meta["mode"]) == stat.S_IFLNK | 0o777

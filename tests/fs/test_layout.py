@@ -7,6 +7,7 @@ names lowercase and without the store's header prefix (``x-amz-meta-``, ``x-ms-m
 
 from __future__ import annotations
 
+import dataclasses
 import stat
 from urllib.parse import quote
 
@@ -42,14 +43,22 @@ def s3fs_xattr(pairs: dict[str, str]) -> str:
 S3FS_XATTR = s3fs_xattr({"user.bin": "//79", "user.comment": "aGVsbG8gd29ybGQ=", "user.empty": ""})
 
 GOLDEN: dict[str, tuple[dict[str, str], dict, Attrs]] = {
-    # s3fs: decimal st_mode with type bits, decimal uid/gid, "%ld" mtime (plus atime/ctime,
-    # which cloudfs ignores), xattrs in one URL-encoded JSON header.
+    # s3fs: decimal st_mode with type bits, decimal uid/gid, "%ld" mtime and ctime (plus
+    # atime, which cloudfs ignores), xattrs in one URL-encoded JSON header.
     "s3fs-file": (
         {"mode": "33188", "uid": "1000", "gid": "1001", "mtime": "1700000000",
-         "atime": "1700000100", "ctime": "1700000000", "xattr": S3FS_XATTR},
+         "atime": "1700000100", "ctime": "1700000200", "xattr": S3FS_XATTR},
         {"size": 11},
         Attrs(stat.S_IFREG | 0o644, 1000, 1001, 1_700_000_000 * NS, 11,
-              {b"user.bin": b"\xff\xfe\xfd", b"user.comment": b"hello world", b"user.empty": b""}),
+              {b"user.bin": b"\xff\xfe\xfd", b"user.comment": b"hello world", b"user.empty": b""},
+              ctime_ns=1_700_000_200 * NS),
+    ),
+    # s3fs's ctime with a fraction ("%ld.%09ld", s3fs_str_realtime()).
+    "s3fs-ctime-fraction": (
+        {"mode": "33188", "mtime": "1700000000", "ctime": "1700000300.000000007"},
+        {"size": 1},
+        Attrs(stat.S_IFREG | 0o644, DEFAULT_UID, DEFAULT_GID, 1_700_000_000 * NS, 1, {},
+              ctime_ns=1_700_000_300 * NS + 7),
     ),
     # s3fs with a sub-second mtime: "%ld.%09ld".
     "s3fs-file-fraction": (
@@ -193,6 +202,8 @@ GOLDEN: dict[str, tuple[dict[str, str], dict, Attrs]] = {
 @pytest.mark.parametrize("name", list(GOLDEN))
 def test_golden(name: str) -> None:
     meta, kwargs, expected = GOLDEN[name]
+    if "ctime" not in meta:  # no ctime key: the store's last-modified time is the ctime
+        expected = dataclasses.replace(expected, ctime_ns=SERVER_NS)
     assert decode(dict(meta), **kwargs) == expected
 
 
@@ -249,8 +260,8 @@ def test_mode_uid_gid_precedence() -> None:
 
 
 def test_keys_are_case_insensitive() -> None:
-    assert decode({"Mode": "33188", "UID": "5", "Gid": "6", "MTime": "1.5"}) == Attrs(
-        stat.S_IFREG | 0o644, 5, 6, 1_500_000_000, 0, {})
+    assert decode({"Mode": "33188", "UID": "5", "Gid": "6", "MTime": "1.5", "CTime": "2.5"}) == Attrs(
+        stat.S_IFREG | 0o644, 5, 6, 1_500_000_000, 0, {}, ctime_ns=2_500_000_000)
 
 
 def test_directory_marker_wins_over_file_mode() -> None:
@@ -410,11 +421,23 @@ def test_encode_writes_s3fs_keys() -> None:
         "uid": "1000",
         "gid": "1001",
         "mtime": "1700000000.500000000",
+        "ctime": "1700000000.500000000",  # made without a ctime: its mtime
         "xattr": "%7B%22user.comment%22%3A%22aGVsbG8gd29ybGQ%3D%22%7D",
     }
     assert layout.encode(Attrs(stat.S_IFDIR | 0o755, 0, 0, 1_700_000_000 * NS))["mtime"] == (
         "1700000000.000000000")
     assert "xattr" not in layout.encode(Attrs(stat.S_IFREG | 0o644, 0, 0, 0))
+    assert layout.encode(Attrs(stat.S_IFREG | 0o644, 0, 0, 5 * NS, ctime_ns=6 * NS + 1))["ctime"] == (
+        "6.000000001")
+
+
+def test_ctime_falls_back_to_the_last_modified_time() -> None:
+    """An object without a usable ``ctime`` has the store's last-modified time as ctime, as
+    s3fs's get_ctime() reads it; with no such time either (a journal record), its mtime."""
+    assert decode({"mtime": "1700000000"}, size=0).ctime == SERVER_NS
+    assert decode({"mtime": "1700000000", "ctime": "soon"}, size=0).ctime == SERVER_NS
+    assert decode({"ctime": "1700000001"}, size=0).ctime == 1_700_000_001 * NS
+    assert decode({"mtime": "1700000000"}, size=0, server_mtime=None).ctime == 1_700_000_000 * NS
 
 
 def test_encoded_values_are_ascii() -> None:
@@ -432,6 +455,7 @@ ROUND_TRIP = [
     Attrs(stat.S_IFDIR | 0o2755, 5, 5, 0, 0, {b"user.x": b"y"}),
     Attrs(stat.S_IFLNK | 0o777, 1, 2, 1_700_000_000_999_999_999, 13),
     Attrs(stat.S_IFREG | 0o600, 1, 2, -1_500_000_000, 3),  # before the epoch
+    Attrs(stat.S_IFREG | 0o600, 1, 2, 1_700_000_000 * NS, 3, ctime_ns=1_700_000_005 * NS + 9),
     Attrs(stat.S_IFREG | 0o600, 1, 2, 2**63 - 1, 3),
     Attrs(stat.S_IFREG | 0o644, 1, 2, 3, 4, {b"user.bin": bytes(range(256)), b"user.empty": b"",
                                               "user.名前".encode(): b"v", b"user.\xff": b"\xff",

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import trio
 
+from cloudfs import layout
 from cloudfs.backends.errors import BackendError
 from cloudfs.inodes import ROOT_INODE
 from cloudfs.vfs import SetAttr
@@ -351,3 +352,40 @@ def test_b2_name_rules(monkeypatch: pytest.MonkeyPatch) -> None:
             assert exc.value.errno == code, key
     finally:
         backend.close()
+
+
+# ---------------------------------------------------------------------- ctime
+def test_ctime_is_journaled_uploaded_and_taken_from_the_kernel(rig: Rig) -> None:
+    """A write, a truncate and an attribute change move the ctime; it is in the journal
+    record (a crash keeps it) and in the uploaded object's ``ctime``; a ctime the kernel
+    sends (it keeps a write-back-cached file's times) is stored as it is."""
+    async def main() -> None:
+        async with rig.mounted(crash=True) as fs:
+            await fs.write_file("f", b"data")
+            created = (await fs.stat("f")).ctime_ns
+            fh = await fs.open("f")
+            await trio.sleep(0.01)
+            await fs.write(fh, 4, b"+")
+            await fs.release(fh)
+            written = (await fs.stat("f")).ctime_ns
+            assert written > created
+            await trio.sleep(0.01)
+            await fs.setattr("f", size=2)
+            truncated = (await fs.stat("f")).ctime_ns
+            assert truncated > written
+            await trio.sleep(0.01)
+            await fs.setattr("f", mode=0o600)
+            changed = (await fs.stat("f")).ctime_ns
+            assert changed > truncated
+        async with rig.mounted() as fs:  # after the crash: from the journal record
+            assert (await fs.stat("f")).ctime_ns == changed
+        async with rig.mounted() as fs:
+            assert (await fs.stored_meta("f"))["ctime"] == layout.format_epoch(changed)
+            await fs.setattr("f", mtime_ns=1_600_000_000 * 10**9, ctime_ns=1_700_000_000 * 10**9 + 5)
+        async with rig.mounted() as fs:
+            inode = await fs.stat("f")
+            assert inode.attrs.mtime_ns == 1_600_000_000 * 10**9
+            assert inode.ctime_ns == 1_700_000_000 * 10**9 + 5
+            assert (await fs.stored_meta("f"))["ctime"] == "1700000000.000000005"
+
+    run(main)

@@ -332,15 +332,21 @@ class BlockCache:
         if file is not None and not file.pending:
             self._unlink(file)
 
-    def rename(self, file: File, new_key: str, base: Remote | None = None) -> None:
+    def rename(self, file: File, new_key: str, base: Remote | None = None, attrs: Attrs | None = None
+               ) -> None:
         """``file`` is now stored under ``new_key`` (after the store moved its object, whose
-        new version is ``base``).  Whatever was at ``new_key`` must be unlinked first."""
+        new version is ``base``), with ``attrs`` if given: the moved object was stored with
+        them, so they are no change to upload.  Whatever was at ``new_key`` must be unlinked
+        first."""
         assert new_key not in self.by_key or self.by_key[new_key] is file, new_key
         if self.by_key.get(file.key) is file:
             del self.by_key[file.key]
         file.key = new_key
         if base is not None:
             file.base = base
+        if attrs is not None:
+            file.attrs = attrs
+            file.ctime_ns = 0
         self.by_key[new_key] = file
         self._journal(file)
 

@@ -84,7 +84,7 @@ class Renamer:
         for intent in self.intents():
             log.info("finishing the interrupted rename of %s to %s", intent.old, intent.new)
             held = self._files_below(intent.old, intent.is_dir)
-            await self._move_objects(intent, held, marker_attrs=None)
+            await self._move_objects(intent, held, attrs=None)
             self._end(intent)
 
     # ------------------------------------------------------------------ holds
@@ -122,9 +122,11 @@ class Renamer:
             f.holds -= 1
 
     # ------------------------------------------------------------------ renames
-    async def rename(self, inode: Inode, new: str, marker_attrs: layout.Attrs | None) -> None:
+    async def rename(self, inode: Inode, new: str, attrs: layout.Attrs) -> None:
         """Move ``inode``'s object(s) to ``new`` on the store and re-key local files; the
-        caller has dealt with what was at ``new`` and moves the inodes afterwards."""
+        caller has dealt with what was at ``new`` and moves the inodes afterwards.  ``attrs``
+        are the moved inode's (its new ctime): a folder's new marker and a file's, symlink's
+        or special file's copy are stored with them, in the same request."""
         old = inode.path
         is_dir = inode.is_dir
         intent = self._begin(old, new, is_dir)
@@ -133,16 +135,24 @@ class Renamer:
             self.moving[old] = held
         await self._hold(held)
         try:
-            await self._move_objects(intent, held, marker_attrs if is_dir else None,
-                                     implicit_dir=is_dir and inode.meta is not None and not inode.meta.stored)
+            await self._move_objects(intent, held, attrs,
+                                     implicit_dir=is_dir and inode.meta is not None and not inode.meta.stored,
+                                     foreign=(inode.file.foreign if inode.file is not None
+                                              else inode.meta.foreign if inode.meta is not None else {}))
         finally:
             self.moving.pop(old, None)
             self._release(held)
         self._end(intent)
 
-    async def _move_objects(self, intent: Intent, held: list[File], marker_attrs: layout.Attrs | None,
-                            implicit_dir: bool = False) -> None:
+    async def _move_objects(self, intent: Intent, held: list[File], attrs: layout.Attrs | None,
+                            implicit_dir: bool = False, foreign: dict[str, str] | None = None) -> None:
+        """The store's side of a rename.  ``attrs`` (None when an interrupted rename is
+        finished: each object keeps what it has) go into the moved folder's marker, or into
+        the moved object's copy together with ``foreign`` (other tools' metadata keys)."""
         old, new = intent.old, intent.new
+        marker_attrs = attrs if intent.is_dir else None
+        object_meta = ({**(foreign or {}), **layout.encode(attrs)}
+                       if attrs is not None and not intent.is_dir else None)
         if intent.is_dir:
             keys: list[str] = []
             async for page in self.backend.list(old + "/", None):
@@ -163,7 +173,8 @@ class Renamer:
                         attrs = marker_attrs if key == old + "/" else None
                         await self._rewrite_marker(key, renamed(key), attrs)
                     else:
-                        etags[key] = await self.backend.copy(key, renamed(key))
+                        etags[key] = await self.backend.copy(key, renamed(key),
+                                                             object_meta if key == old else None)
                 except NotFound:
                     pass  # gone meanwhile (deleted by its owner, or an earlier run moved it)
 
@@ -182,7 +193,7 @@ class Renamer:
             other = self.cache.by_key.get(renamed(file.key))
             if other is not None and other is not file:
                 self.cache.unlink(other)  # replaced by the rename
-            self.cache.rename(file, renamed(file.key), base)
+            self.cache.rename(file, renamed(file.key), base, attrs if object_meta is not None else None)
         if keys:
             await self.backend.delete_many(keys)
 

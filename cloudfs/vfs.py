@@ -571,23 +571,17 @@ class VFS:
                 await self._remove_file(target)  # nothing of ours overwrites its object on the store
             else:
                 await self._replaced(target)
-        # The renamed inode's ctime moves (as on Linux): a folder's goes into its new marker,
-        # anything else's is a metadata update once it is in place.
+        # The renamed inode's ctime moves (as on Linux): it is stored with the moved folder
+        # marker or object, in the rename's own request.
         moved = replace(inode.attrs, xattrs=dict(inode.attrs.xattrs), ctime_ns=time.time_ns())
-        await self.renamer.rename(inode, new, moved if inode.is_dir else None)
+        await self.renamer.rename(inode, new, moved)
         if target is not None:
             self.table.detach(target)
         self.table.move(old, new)
         self.meta.removed(old)
         self.meta.added(new)
-        if inode.is_dir:
-            assert inode.meta is not None
-            inode.meta.attrs = moved
-        else:
-            try:
-                await self._store_attrs(inode, moved)
-            except BackendError as exc:  # the rename is done: only its ctime is not stored
-                log.warning("%s: the new ctime is not stored: %s", new, exc)
+        if inode.meta is not None:
+            inode.meta.attrs = moved  # a File took them in the rename
 
     async def _replaced(self, target: Inode) -> None:
         """A file the rename replaces: its object is overwritten by the move, so only the local

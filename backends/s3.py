@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
+from . import s3_fast
 from .base import Backend, Capabilities, ListPage, ObjectInfo, PartInfo, Payload, RetryPolicy
 from .errors import (
     AuthenticationFailed,
@@ -120,7 +121,7 @@ class S3Backend(Backend):
     def __init__(self, bucket: str, prefix: str = "", *, endpoint: str | None = None,
                  region: str | None = None, path_style: bool | None = None, profile: str | None = None,
                  max_connections: int = 16, retry: RetryPolicy | None = None,
-                 connect_timeout: float = 10.0, read_timeout: float = 60.0) -> None:
+                 connect_timeout: float = 10.0, read_timeout: float = 60.0, fast_path: bool = True) -> None:
         super().__init__(bucket, prefix, max_connections=max_connections, retry=retry)
         import boto3
         import botocore.config
@@ -169,6 +170,10 @@ class S3Backend(Backend):
         host = urlsplit(self.endpoint_url).hostname or ""
         self.custom_endpoint = custom or not host.endswith(("amazonaws.com", "amazonaws.com.cn"))
         self._botocore_exc = botocore.exceptions
+        # HEAD and LIST through s3_fast (built at the first of them, see ``_fast_path``);
+        # False: always through boto3 (tests and bench/s3_requests.py compare the two).
+        self._fast_wanted = fast_path
+        self._fast: s3_fast.FastPath | None = None
 
     @classmethod
     def from_url(cls, netloc: str, path: str, options: dict[str, str]) -> S3Backend:
@@ -284,6 +289,28 @@ class S3Backend(Backend):
         with self._about(key):
             return fn(**kw)
 
+    def _fast_path(self) -> s3_fast.FastPath | None:
+        """The lean HEAD/LIST path, made at the first such call rather than in ``__init__``:
+        by then the mount's ``check_bucket`` has taught botocore's region redirector where
+        the bucket is.  None when this configuration needs boto3 (s3_fast says why)."""
+        if self._fast_wanted and self._fast is None:
+            self._fast_wanted = False  # one attempt per backend
+            self._fast = s3_fast.open_fast_path(self.client, self.bucket)
+        return self._fast
+
+    def _hot_call(self, key: str | None, name: str, **kw: Any) -> Any:
+        """``self.client.<name>(**kw)``, through the fast path when it can serve the call.  Both
+        raise the same botocore exceptions, mapped by ``_translate``."""
+        fast = self._fast_path()
+        if fast is not None:
+            try:
+                return self._run(key, getattr(fast, name), **kw)
+            except s3_fast.Unsupported:
+                self._fast = None  # the endpoint changed into one only boto3 serves
+            except s3_fast.UseClient:
+                pass  # a region redirect: botocore's redirector follows it
+        return self._run(key, getattr(self.client, name), **kw)
+
     # ------------------------------------------------------------------ primitives
     def _check_bucket(self) -> None:
         bexc = self._botocore_exc
@@ -313,7 +340,7 @@ class S3Backend(Backend):
             kw["Delimiter"] = delimiter
         if token:
             kw["ContinuationToken"] = token
-        resp = self._run(prefix, self.client.list_objects_v2, **kw)
+        resp = self._hot_call(prefix, "list_objects_v2", **kw)
         page = ListPage()
         for obj in resp.get("Contents", []) or []:
             lm = obj.get("LastModified")
@@ -325,7 +352,7 @@ class S3Backend(Backend):
         return page
 
     def _head(self, key: str) -> ObjectInfo:
-        resp = self._run(key, self.client.head_object, Bucket=self.bucket, Key=key)
+        resp = self._hot_call(key, "head_object", Bucket=self.bucket, Key=key)
         if _synthesized_folder(key, resp):
             raise NotFound(f"s3://{self.bucket}/{key}: no such object (a folder without a marker)")
         lm = resp.get("LastModified")

@@ -262,32 +262,34 @@ def _botocore_timestamp(text: str) -> datetime.datetime:
     return parse_timestamp(text)
 
 
-def _local(tag: str) -> str:
-    """An element's name without its namespace (botocore strips any namespace)."""
-    return tag.rpartition("}")[2]
+class _Names(dict[str, str]):
+    """Element names without their namespace (botocore strips any namespace), remembered
+    for one document: a page repeats the same few tags thousands of times."""
 
-
-def _text(node: ET.Element) -> str:
-    return node.text or ""  # botocore reads an empty element as ""
+    def __missing__(self, tag: str) -> str:
+        self[tag] = name = tag.rpartition("}")[2]
+        return name
 
 
 def _list_answer(root: ET.Element) -> dict[str, Any]:
     """ListObjectsV2's output: ``Contents`` (Key, LastModified, ETag, Size), ``CommonPrefixes``,
     ``IsTruncated``, ``NextContinuationToken``; keys and prefixes url-decoded when the answer
-    says ``EncodingType=url``, exactly as boto3's ``decode_list_object_v2`` does."""
+    says ``EncodingType=url``, exactly as boto3's ``decode_list_object_v2`` does.  An empty
+    element reads as "", as in botocore."""
+    names = _Names()
     out: dict[str, Any] = {}
     contents: list[dict[str, Any]] = []
     prefixes: list[dict[str, str]] = []
     for node in root:
-        name = _local(node.tag)
+        name = names[node.tag]
         if name == "Contents":
-            contents.append(_list_entry(node))
+            contents.append(_list_entry(node, names))
         elif name == "CommonPrefixes":
-            prefixes.append({_local(c.tag): _text(c) for c in node if _local(c.tag) == "Prefix"})
+            prefixes.append(_prefix_entry(node, names))
         elif name == "IsTruncated":
-            out["IsTruncated"] = _text(node) == "true"
+            out["IsTruncated"] = node.text == "true"
         elif name in ("NextContinuationToken", "EncodingType"):
-            out[name] = _text(node)
+            out[name] = node.text or ""
     if contents:
         out["Contents"] = contents
     if prefixes:
@@ -300,16 +302,24 @@ def _list_answer(root: ET.Element) -> dict[str, Any]:
     return out
 
 
-def _list_entry(node: ET.Element) -> dict[str, Any]:
+def _list_entry(node: ET.Element, names: _Names) -> dict[str, Any]:
     entry: dict[str, Any] = {}
     for child in node:
-        name = _local(child.tag)
-        if name in ("Key", "ETag"):
-            entry[name] = _text(child)
+        name = names[child.tag]
+        if name == "Key" or name == "ETag":
+            entry[name] = child.text or ""
         elif name == "Size":
-            entry[name] = int(_text(child))
+            entry[name] = int(child.text or "")
         elif name == "LastModified":
-            entry[name] = _iso_date(_text(child))
+            entry[name] = _iso_date(child.text or "")
+    return entry
+
+
+def _prefix_entry(node: ET.Element, names: _Names) -> dict[str, str]:
+    entry: dict[str, str] = {}
+    for child in node:
+        if names[child.tag] == "Prefix":
+            entry["Prefix"] = child.text or ""
     return entry
 
 

@@ -303,6 +303,11 @@ def error_xml(code: str) -> bytes:
     (501, {}, error_xml("NotImplemented")),
     (418, {}, b""),
     (200, {"Content-Type": "application/xml"}, b"<ListBucketResult><Contents><Key>"),  # truncated XML
+    (200, {"Content-Type": "application/xml"}, error_xml("InternalError")),  # an error in a 200
+    # what botocore's region redirector acts on: the fast path hands these to boto3
+    (301, {"x-amz-bucket-region": "eu-west-1"}, error_xml("PermanentRedirect")),
+    (400, {"x-amz-bucket-region": "eu-west-1"}, error_xml("AuthorizationHeaderMalformed")),
+    (400, {}, b""),
 ])
 def test_error_answers_map_as_boto3(canned: Canned, status: int, headers: dict[str, str], body: bytes,
                                     monkeypatch: pytest.MonkeyPatch) -> None:

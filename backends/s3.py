@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
+from . import s3_fast
 from .base import (
     TLS_OPTIONS,
     Backend,
@@ -230,7 +231,8 @@ class S3Backend(Backend):
                  region: str | None = None, path_style: bool | None = None, profile: str | None = None,
                  max_connections: int = 16, retry: RetryPolicy | None = None,
                  connect_timeout: float = 10.0, read_timeout: float = 60.0,
-                 settings: WriteSettings | None = None, verify: bool | str = True) -> None:
+                 settings: WriteSettings | None = None, verify: bool | str = True,
+                 fast_path: bool = True) -> None:
         super().__init__(bucket, prefix, max_connections=max_connections, retry=retry)
         import boto3
         import botocore.config
@@ -284,6 +286,12 @@ class S3Backend(Backend):
         self._botocore_exc = botocore.exceptions
         self.settings = settings or WriteSettings()
         self._extra = self._extra_parameters()
+        # HEAD and LIST through s3_fast (built at the first of them, see ``_fast_path``);
+        # False: always through boto3 (tests and bench/s3_requests.py compare the two).  The
+        # fast path sends no request-payer or SSE-C headers, so those settings take boto3.
+        self._fast_wanted = fast_path and not (self.settings.requester_pays
+                                               or self.settings.sse_c_key is not None)
+        self._fast: s3_fast.FastPath | None = None
 
     def _extra_parameters(self) -> dict[str, dict[str, Any]]:
         """For each operation (boto3 method name), the settings' parameters its API takes."""
@@ -415,6 +423,28 @@ class S3Backend(Backend):
         with self._about(key):
             return fn(**({**extra, **kw} if extra else kw))
 
+    def _fast_path(self) -> s3_fast.FastPath | None:
+        """The lean HEAD/LIST path, made at the first such call rather than in ``__init__``:
+        by then the mount's ``check_bucket`` has taught botocore's region redirector where
+        the bucket is.  None when this configuration needs boto3 (s3_fast says why)."""
+        if self._fast_wanted and self._fast is None:
+            self._fast_wanted = False  # one attempt per backend
+            self._fast = s3_fast.open_fast_path(self.client, self.bucket)
+        return self._fast
+
+    def _hot_call(self, key: str | None, name: str, **kw: Any) -> Any:
+        """``self.client.<name>(**kw)``, through the fast path when it can serve the call.  Both
+        raise the same botocore exceptions, mapped by ``_translate``."""
+        fast = self._fast_path()
+        if fast is not None:
+            try:
+                return self._run(key, getattr(fast, name), **kw)
+            except s3_fast.Unsupported:
+                self._fast = None  # the endpoint changed into one only boto3 serves
+            except s3_fast.UseClient:
+                pass  # a region redirect: botocore's redirector follows it
+        return self._run(key, getattr(self.client, name), **kw)
+
     # ------------------------------------------------------------------ primitives
     def _check_bucket(self) -> None:
         bexc = self._botocore_exc
@@ -444,7 +474,7 @@ class S3Backend(Backend):
             kw["Delimiter"] = delimiter
         if token:
             kw["ContinuationToken"] = token
-        resp = self._run(prefix, self.client.list_objects_v2, **kw)
+        resp = self._hot_call(prefix, "list_objects_v2", **kw)
         page = ListPage()
         for obj in resp.get("Contents", []) or []:
             lm = obj.get("LastModified")
@@ -456,7 +486,7 @@ class S3Backend(Backend):
         return page
 
     def _head(self, key: str) -> ObjectInfo:
-        resp = self._run(key, self.client.head_object, Bucket=self.bucket, Key=key)
+        resp = self._hot_call(key, "head_object", Bucket=self.bucket, Key=key)
         if _synthesized_folder(key, resp):
             raise NotFound(f"s3://{self.bucket}/{key}: no such object (a folder without a marker)")
         lm = resp.get("LastModified")

@@ -196,8 +196,7 @@ def test_throttling_is_transient_and_retried(target: Target) -> None:
         b = S3Backend(target.extra["bucket"], endpoint=f"http://127.0.0.1:{proxy.port}",
                       retry=RetryPolicy(attempts=3, initial_delay=0.01, max_delay=0.01))
         try:
-            # Request 1 is answered, 2 fails, 3 (its retry) is answered.  (A LIST: the proxy's
-            # 503 carries a body, which would spoil the connection after a HEAD.)
+            # Request 1 is answered, 2 fails, 3 (its retry) is answered.
             assert [o.key for o in run(b.list_page, "").objects] == ["k"]
             assert [o.key for o in run(b.list_page, "").objects] == ["k"]
             assert b.requests["list_page"] == 3 and b._fast is not None

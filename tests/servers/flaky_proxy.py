@@ -78,7 +78,8 @@ class FlakyProxy:
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(SLOWDOWN)))
                     self.end_headers()
-                    self.wfile.write(SLOWDOWN)
+                    if self.command != "HEAD":  # a body after a HEAD answer spoils the connection
+                        self.wfile.write(SLOWDOWN)
                     return
                 conn = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=60)
                 try:

@@ -104,15 +104,23 @@ class PartInfo:
 TLS_OPTIONS = frozenset({"ca_bundle", "tls_verify"})
 
 
+def parse_flag(value: str | None, name: str) -> bool | None:
+    """A yes/no backend option: None when not given; given bare (``-o name``) it is yes."""
+    if value is None:
+        return None
+    v = value.strip().lower()
+    if v in ("", "1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} takes 1/true or 0/false, not {value!r}")
+
+
 def tls_verify(options: dict[str, str]) -> bool | str:
     """What ``-o ca_bundle=PATH`` / ``-o tls_verify=0`` ask for, as requests and botocore
     take it: True (the system's CAs), a CA bundle path, or False (no certificate check)."""
     bundle = options.get("ca_bundle")
-    check = options.get("tls_verify")
-    if check is not None and check.strip().lower() not in ("", "1", "true", "yes", "on", "0", "false",
-                                                            "no", "off"):
-        raise ConfigError(f"tls_verify takes 1/true or 0/false, not {check!r}")
-    off = check is not None and check.strip().lower() in ("0", "false", "no", "off")
+    off = parse_flag(options.get("tls_verify"), "tls_verify") is False
     if bundle:
         if off:
             raise ConfigError("-o ca_bundle and -o tls_verify=0 contradict each other")

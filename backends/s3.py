@@ -47,6 +47,7 @@ from .base import (
     PartInfo,
     Payload,
     RetryPolicy,
+    parse_flag,
     tls_verify,
 )
 from .errors import (
@@ -89,17 +90,6 @@ STORAGE_CLASSES = ("STANDARD", "REDUCED_REDUNDANCY", "STANDARD_IA", "ONEZONE_IA"
 CANNED_ACLS = ("private", "public-read", "public-read-write", "authenticated-read", "aws-exec-read",
                "bucket-owner-read", "bucket-owner-full-control")
 SSE_MODES = {"s3": "AES256", "kms": "aws:kms", "c": "customer key"}
-
-
-def _flag(value: str | None, name: str = "path_style") -> bool | None:
-    if value is None:
-        return None
-    v = value.strip().lower()
-    if v in ("", "1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name} takes 1/true or 0/false, not {value!r}")
 
 
 def _choice(name: str, value: str | None, choices: tuple[str, ...]) -> str | None:
@@ -156,7 +146,7 @@ class WriteSettings:
                    sse=sse, sse_kms_key_id=options.get("sse_kms_key_id") or None,
                    sse_c_key=read_sse_c_key(options["sse_c_key_file"]) if sse == "c" else None,
                    acl=_choice("acl", options.get("acl"), CANNED_ACLS),
-                   requester_pays=bool(_flag(options.get("requester_pays"), "requester_pays")))
+                   requester_pays=bool(parse_flag(options.get("requester_pays"), "requester_pays")))
 
     def parameters(self) -> dict[str, Any]:
         """Every parameter these settings add, by its boto3 name; each operation takes the
@@ -311,7 +301,8 @@ class S3Backend(Backend):
         if not netloc:
             raise ConfigError("s3:// URL needs a bucket: s3://bucket[/prefix]")
         return cls(netloc, path.strip("/"), endpoint=options.get("endpoint") or None,
-                   region=options.get("region") or None, path_style=_flag(options.get("path_style")),
+                   region=options.get("region") or None,
+                   path_style=parse_flag(options.get("path_style"), "path_style"),
                    profile=options.get("profile") or None, settings=WriteSettings.from_options(options),
                    verify=tls_verify(options))
 

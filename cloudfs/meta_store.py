@@ -72,9 +72,7 @@ class MetaStore:
                 self._db = self._connect()
             except sqlite3.DatabaseError as exc:
                 log.warning("metadata record %s unreadable (%s): starting a new one", self.path, exc)
-                for suffix in ("", "-wal", "-shm"):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.path + suffix)
+                self._remove_files()
                 try:
                     self._db = self._connect()
                 except (sqlite3.Error, OSError) as exc2:
@@ -88,9 +86,13 @@ class MetaStore:
         self._broken = True
         self.close()
         if type(exc) is sqlite3.DatabaseError:  # corrupt ("malformed"): the next mount starts afresh
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path + suffix)
+            self._remove_files()
+
+    def _remove_files(self) -> None:
+        """The database and sqlite's WAL and shared-memory files beside it."""
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path + suffix)
 
     def close(self) -> None:
         if self._db is not None:

@@ -355,6 +355,28 @@ def test_b2_name_rules(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ---------------------------------------------------------------------- ctime
+def test_rename_stores_the_new_ctime_in_its_own_copy(rig: Rig) -> None:
+    """Renaming a stored file moves its ctime, and the copy that moves the object stores it:
+    one copy and one delete, no metadata update and no upload after it."""
+    async def main() -> None:
+        async with rig.mounted() as fs:
+            await fs.write_file("a", b"stored")
+            await fs.sync()
+            before = (await fs.stat("a")).ctime_ns
+            sent = dict(fs.backend.requests)
+            await trio.sleep(0.01)
+            await fs.rename("a", "b")
+            await fs.sync()
+            moved = (await fs.stat("b")).ctime_ns
+            assert moved > before
+            new = {op: n - sent.get(op, 0) for op, n in fs.backend.requests.items() if n != sent.get(op, 0)}
+            assert new.get("copy") == 1 and not {"set_metadata", "put"} & set(new), new
+            assert (await fs.stored_meta("b"))["ctime"] == layout.format_epoch(moved)
+            assert (await fs.stored("b")) == b"stored"
+
+    run(main)
+
+
 def test_ctime_is_journaled_uploaded_and_taken_from_the_kernel(rig: Rig) -> None:
     """A write, a truncate and an attribute change move the ctime; it is in the journal
     record (a crash keeps it) and in the uploaded object's ``ctime``; a ctime the kernel

@@ -638,6 +638,11 @@ class VFS:
 
     # ------------------------------------------------------------------ xattrs
     def getxattr(self, ino: int, name: bytes) -> bytes:
+        """ENOTSUP for the namespaces never stored (``security.*``, ``system.*``...): that
+        tells ``ls -l`` the whole mount has no SELinux labels or ACLs, so it stops asking for
+        them per file -- two FUSE requests per entry otherwise."""
+        if not name.startswith(XATTR_NAMESPACE):
+            raise fail(errno.ENOTSUP)
         try:
             return self.inode(ino).attrs.xattrs[name]
         except KeyError:

@@ -7,8 +7,10 @@ Counts come from ``cloudfs status --json`` (every request the daemon sent), neve
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -242,3 +244,27 @@ def test_a_remount_lists_unchanged_objects_without_heads(target: Target, tmp_pat
         assert delta(before, requests(m)).get("head", 0) == 1
     finally:
         m.cleanup()
+
+
+# ---------------------------------------------------------------------- requests from the kernel
+def test_ls_l_asks_for_security_labels_and_acls_once(target: Target, tmp_path: Path) -> None:
+    """``ls -l`` asks every entry for its SELinux label and ACL; the ENOTSUP answer for those
+    namespaces (never stored) tells it the mount has none, so 40 entries cost a few
+    GETXATTR requests, not two each, while ``user.*`` xattrs keep working."""
+    put_many(target, [f"d/f{i:02d}" for i in range(40)])
+    m = Mount(target, tmp_path / "mnt", tmp_path / "cache", {"debug": ""})
+    m.start()
+    try:
+        os.setxattr(m.path / "d" / "f00", "user.note", b"kept")
+        out = subprocess.run(["ls", "-l", str(m.path / "d")], capture_output=True, text=True, check=True)
+        assert len(out.stdout.splitlines()) == 41  # "total" + 40 entries
+        assert os.getxattr(m.path / "d" / "f00", "user.note") == b"kept"
+        with pytest.raises(OSError) as exc:
+            os.getxattr(m.path / "d" / "f01", "security.selinux")
+        assert exc.value.errno == errno.ENOTSUP
+        m.stop()
+    finally:
+        m.kill()
+    log = (tmp_path / "cache" / "cloudfs.log").read_text(errors="replace")
+    asked = [line for line in log.splitlines() if "fuse getxattr(" in line]
+    assert 3 <= len(asked) <= 6, asked  # the two above, and ls's first label and ACL probes

@@ -25,7 +25,8 @@ The size bound is hard and byte-accurate: each block file is charged what it can
 (its size rounded up to 4 KiB, at least 4 KiB), and the charge is reserved before the file
 is created or grown; if clean blocks cannot be evicted to make room, the caller waits until
 uploads turn dirty blocks clean.  Writers also wait while dirty charges would exceed
-``max_dirty``.
+``max_dirty``.  When the cache file system is below ``min_free`` by more than the whole cache
+holds (other programs filled it), no upload or eviction can make room: ENOSPC at once.
 
 Locking (single trio thread; see docs/concurrency.md): code between two awaits runs alone.
 ``block_locks[(fid, block)]`` is held while a block is fetched or created; nothing else is
@@ -125,6 +126,7 @@ class BlockCache:
         self.readahead_blocks = readahead_blocks
         self.stall_timeout = stall_timeout
         self.waiting = 0  # writers waiting for cache space right now
+        self._told_disk_full = False  # the log said writes get ENOSPC (min_free), not yet undone
         self.store_identity = store_identity or backend.describe()
         self._on_dirty = on_dirty
         self._on_pressure = on_pressure
@@ -604,6 +606,7 @@ class BlockCache:
 
         The caller owns the reservation: it becomes a block's charge or is given back.
         """
+        waited = False
         while True:
             while self.used + nbytes > self.max_bytes or (
                     self.min_free and self._disk_free() < self.min_free + nbytes):
@@ -611,8 +614,19 @@ class BlockCache:
                     break
             else:
                 self.used += nbytes
+                self._told_disk_full = False
                 return
-            log.info("cache full (%d bytes, %d dirty): waiting for uploads", self.used, self.dirty_bytes)
+            if self.min_free and (free := self._disk_free()) + self.used < self.min_free + nbytes:
+                # Others filled the cache file system: even an empty cache would not make room.
+                # Said once until a reservation succeeds again (writes keep coming meanwhile).
+                if not self._told_disk_full:
+                    self._told_disk_full = True
+                    log.warning("cache file system has %d bytes free, below min_free (%d) with the "
+                                "cache holding %d: writes get ENOSPC", free, self.min_free, self.used)
+                raise OSError(errno.ENOSPC, "cache file system below min_free")
+            if not waited:
+                log.info("cache full (%d bytes, %d dirty): waiting for uploads", self.used, self.dirty_bytes)
+                waited = True
             await self._wait_change()
 
     def _unreserve(self, nbytes: int) -> None:

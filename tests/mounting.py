@@ -30,7 +30,9 @@ class Mount:
         self.path = path
         self.cache_dir = cache_dir
         self.options = {"cache_dir": str(cache_dir), "writeback_delay": "0.5", "attr_timeout": "1",
-                        "cache_size": "512M", "block_size": "8M", **(options or {}), **target.options}
+                        "cache_size": "512M", "block_size": "8M",
+                        # Not the 1G default: a test machine's disk may have less to spare.
+                        "min_free": "64M", **(options or {}), **target.options}
         self.env = {**os.environ, **target.env}
 
     def option_text(self) -> str:
@@ -80,7 +82,9 @@ class Mount:
             time.sleep(0.1)
 
     def cleanup(self) -> None:
-        """Best effort, for fixture teardown after failures: never leave a mount behind."""
+        """Best effort, for fixture teardown after failures: never leave a mount behind.
+        The log's tail goes to stdout, which pytest shows only for a failed test."""
+        print(f"--- tail of {self.cache_dir / 'cloudfs.log'}\n{self.log()}")
         try:
             self.stop(timeout=60)
         except Exception:

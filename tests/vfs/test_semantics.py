@@ -79,6 +79,25 @@ def test_writers_get_enospc_only_when_no_upload_finishes(rig: Rig) -> None:
     run(main)
 
 
+def test_a_cache_disk_fuller_than_min_free_gives_enospc_at_once(
+        rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    """The cache file system is below ``min_free`` by more than the cache holds: nothing the
+    mount can evict or upload makes room, so a write gets ENOSPC at once, with one log line,
+    instead of waiting for a change that cannot come."""
+    async def main() -> None:
+        async with rig.mounted(min_free=1 << 40) as fs:
+            fs.cache.stall_timeout = 3600.0  # an ENOSPC within the guard below is not the stall
+            fh = await fs.create("f")
+            with caplog.at_level(logging.INFO, logger="cloudfs.cache.block_cache"):
+                with pytest.raises(OSError) as exc, trio.fail_after(30):
+                    await fs.write(fh, 0, b"x" * BS)
+            assert exc.value.errno == errno.ENOSPC
+            assert len([r for r in caplog.records if "min_free" in r.getMessage()]) == 1
+            assert not [r for r in caplog.records if "waiting for uploads" in r.getMessage()]
+
+    run(main)
+
+
 def test_a_multipart_upload_is_visible_only_when_complete(rig: Rig) -> None:
     """A part fails: the object does not appear (no partial object); the next round
     completes it.  Given up (unlink), the open upload is aborted."""

@@ -15,6 +15,7 @@ plus one, so empty folders made here are bounded too.  Owned by
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -37,6 +38,7 @@ class Fill:
     listed before the unlink)."""
 
     path: str
+    started: float = field(default_factory=time.monotonic)
     changes: list[tuple[str, bool]] = field(default_factory=list)  # (name, added) in order
     void: bool = False  # the folder itself was removed or renamed: the result is not kept
 

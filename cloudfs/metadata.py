@@ -29,7 +29,7 @@ from cloudfs import layout
 from cloudfs.backends import Backend, ObjectInfo
 from cloudfs.backends.errors import NotFound, Transient, one_error
 from cloudfs.cache.block_cache import BlockCache
-from cloudfs.cache.file import Remote
+from cloudfs.cache.file import File, Remote
 from cloudfs.layout import Attrs
 
 from .inodes import ROOT_INODE, Inode, InodeTable, Meta, join, parent_of
@@ -100,6 +100,13 @@ class Metadata:
                 return True
         return time.monotonic() - inode.refreshed < self.opts.attr_timeout
 
+    def _seen_in_listing(self, path: str) -> Inode | None:
+        """The inode the parent's trusted listing (within dir_cache_time) last saw at ``path``."""
+        known = self.listings.get(parent_of(path))
+        if known is None or known.until <= time.monotonic():
+            return None
+        return known.entries.get(path.rpartition("/")[2])
+
     def listed_without(self, path: str) -> bool:
         """Whether the last complete listing of the parent, however old, lacks ``path``."""
         known = self.listings.get(parent_of(path))
@@ -146,6 +153,7 @@ class Metadata:
                 if old.base is None or old.unlinked or old.pending or old.key != path:
                     return None
                 file = self.cache.file_for(path, old.base, old.attrs, old.foreign)
+                file.refreshed = old.refreshed  # confirmed by the store then, not now
             return self.table.add(path, file=file)
         if seen.meta is not None and seen.path == path:
             return self.table.add(path, meta=seen.meta)
@@ -157,6 +165,16 @@ class Metadata:
         if known is None or known.folder is None or known.until <= time.monotonic():
             return None
         return self.table.add(path, meta=known.folder)
+
+    def _listed_entry(self, path: str) -> Inode | None:
+        """The inode of a name in the parent's trusted listing, though the kernel made us forget it."""
+        seen = self._seen_in_listing(path)
+        if seen is None:
+            return None
+        inode = self._revive(path, seen)
+        if inode is not None:
+            self.listings.add(parent_of(path), path.rpartition("/")[2], inode)
+        return inode
 
     def _last_known(self, path: str) -> Inode | None:
         """An inode for what ``path`` was when last seen, though the kernel made us forget it:
@@ -221,7 +239,7 @@ class Metadata:
 
     # ------------------------------------------------------------------ lookups
     async def lookup(self, path: str) -> Inode | None:
-        inode = self.table.get(path) or self._listed_folder(path)
+        inode = self.table.get(path) or self._listed_folder(path) or self._listed_entry(path)
         if inode is not None and self.fresh(inode):
             return inode
         if inode is None and self.known_absent(path):
@@ -456,6 +474,13 @@ class Metadata:
                 names[name] = self.table.get(join(fill.path, name))
             else:
                 names.pop(name, None)
+        # Attributes this listing fetched count from its end, so an `ls -l` of a folder
+        # whose listing outlasts attr_timeout stats its first names without a HEAD each.
+        now = time.monotonic()
+        for _, inode in entries:
+            known: File | Meta | None = inode.file if inode.file is not None else inode.meta
+            if known is not None and known.refreshed >= fill.started:
+                known.refreshed = now
         folder = self.table.get(fill.path)
         self.listings.put(fill.path, Listing(time.monotonic() + self.opts.dir_cache_time, names,
                                              folder.meta if folder is not None and folder.is_dir else None))

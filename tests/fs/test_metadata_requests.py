@@ -63,10 +63,11 @@ def ls_l(path: Path) -> dict[str, os.stat_result]:
 
 # ---------------------------------------------------------------------- kept listings
 def test_a_warm_ls_l_sends_no_request(target: Target, tmp_path: Path) -> None:
-    """A folder listed completely is answered from the kept listing for dir_cache_time: a
-    second `ls -l`, after attr_timeout (1 s) has passed, sends no LIST and no HEAD, also for
-    its subfolders (looked up once by the first `ls -l`), and after the kernel forgot it all."""
-    names = [f"f{i:03d}" for i in range(60)]
+    """A folder listed completely (two LIST pages) is answered from the kept listing for
+    dir_cache_time: a second `ls -l`, after attr_timeout (1 s) has passed, sends no LIST and
+    no HEAD, also for its subfolders (looked up once by the first `ls -l`), and after the
+    kernel forgot it all."""
+    names = [f"f{i:04d}" for i in range(1100)]
     put_many(target, [f"d/{n}" for n in names] + ["d/sub/x", "d/sub2/"])  # and two folders
     names += ["sub", "sub2"]
     m = Mount(target, tmp_path / "mnt", tmp_path / "cache")

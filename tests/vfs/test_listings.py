@@ -144,3 +144,39 @@ def test_a_folder_replaced_by_a_rename_does_not_keep_its_listing(rig: Rig) -> No
             assert await fs.read_file("dst/a") == b"a"
 
     run(main)
+
+
+
+def test_attributes_from_a_listing_count_from_its_end(rig: Rig) -> None:
+    """`ls -l` of a big folder whose listing outlasts attr_timeout: the names of its first
+    page are still fresh when ls stats them after the last page, also after the kernel
+    forgot their inodes, so no HEAD and no LIST is sent; attr_timeout after the end of the
+    listing, a stat asks the store again (one HEAD for a file it knew)."""
+    async def main() -> None:
+        async with rig.mounted(attr_timeout=3.0) as fs:
+            for i in range(1200):  # two pages of 1000
+                await fs.other_tool_puts(f"d/f{i:04d}", bytes(i % 7))
+            real_list_page = fs.backend.list_page
+
+            async def slow_second_page(prefix: str, delimiter: str | None, token: str | None,
+                                       limit: int) -> object:
+                if token is not None and prefix == "d/":
+                    await trio.sleep(3.5)  # the first page's attributes are older than attr_timeout
+                return await real_list_page(prefix, delimiter, token, limit)
+
+            fs.backend.list_page = slow_second_page  # type: ignore[method-assign,assignment]
+            assert len(await fs.listdir("d")) == 1200
+            before = sent(fs)
+            for i in range(0, 500):
+                assert (await fs.stat(f"d/f{i:04d}")).attrs.size == i % 7
+            fs.forget_all()  # the kernel drops what it held: the table forgets them
+            for i in range(500, 1000):
+                assert (await fs.stat(f"d/f{i:04d}")).attrs.size == i % 7
+            assert sent(fs) == before, fs.backend.requests
+            await trio.sleep(3.1)  # attr_timeout after the listing's end
+            fs.forget_all()
+            heads = fs.backend.requests["head"]
+            await fs.stat("d/f0001")
+            assert sent(fs) == before + 1 and fs.backend.requests["head"] == heads + 1
+
+    run(main)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import trio
@@ -75,6 +76,7 @@ class Metadata:
         # daemon): a record checked before this mount started counts as checked at its start.
         self.store: MetaStore | None = None
         self.started = time.time()
+        self.shadowed: set[str] = set()  # folders hidden by an object of the same name (warned)
 
     # ------------------------------------------------------------------ decoding
     def decode(self, info: ObjectInfo | None, is_dir: bool, server_mtime: float | None = None) -> Attrs:
@@ -390,8 +392,12 @@ class Metadata:
         return self.table.add(path, meta=meta)
 
     # ------------------------------------------------------------------ listings
-    async def list_page(self, path: str, token: str | None) -> ListingPage:
-        """One page of the folder's listing, as inodes (each name once per page)."""
+    async def list_page(self, path: str, token: str | None, named: Collection[str] = ()) -> ListingPage:
+        """One page of the folder's listing, as inodes (each name once per page).
+
+        A prefix ``x/`` whose name ``x`` is also an object (on this page, or in ``named``:
+        the names earlier pages of the listing gave) is left out: the object is what a lookup
+        of ``x`` finds too, and the objects below ``x/`` cannot be reached (warned once)."""
         prefix = path + "/" if path else ""
         page = await self.backend.list_page(prefix, "/", token, 1000)
         now = time.monotonic()
@@ -446,11 +452,22 @@ class Metadata:
             if self._is_folder_blob(info):
                 continue  # its prefix entry stands for it
             entries.append(self.remember_file(o.key, info))
+        files = {inode.path for inode in entries}
         for p in page.prefixes:
             sub = p.rstrip("/")
-            if sub and sub != path:
-                entries.append(self.remember_dir(sub, None, provisional=True))
+            if not sub or sub == path:
+                continue
+            if sub in files or sub.rpartition("/")[2] in named:
+                self._shadowed(sub)
+                continue
+            entries.append(self.remember_dir(sub, None, provisional=True))
         return ListingPage(entries, not page.next_token, page.next_token)
+
+    def _shadowed(self, path: str) -> None:
+        if path not in self.shadowed and len(self.shadowed) < 10_000:
+            self.shadowed.add(path)
+            log.warning("%s is both an object and a folder (%s/...): the mount shows the object; "
+                        "the objects below the folder are not reachable through it", path, path)
 
     def begin_fill(self, path: str) -> Fill:
         """A listing of ``path`` from the store starts (its first page)."""

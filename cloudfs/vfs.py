@@ -354,7 +354,7 @@ class VFS:
                 return True
             self._fills[handle.fh] = self.meta.begin_fill(path)
         try:
-            page = await self.meta.list_page(path, handle.token)
+            page = await self.meta.list_page(path, handle.token, handle.seen)
         except Transient:
             last = await self.meta.cached_listing(path, stale=True) if handle.token is None else None
             if last is None:

@@ -264,3 +264,20 @@ def test_s3_write_options_through_the_mount(target: Target, tmp_path: Path) -> N
         assert (head.get("StorageClass"), head["ContentType"]) == ("STANDARD_IA", content_type), key
         grants = target.sdk.get_object_acl(Bucket=bucket, Key=key)["Grants"]
         assert any(g["Grantee"].get("URI", "").endswith("/AllUsers") for g in grants), key
+
+
+@pytest.mark.backends("s3", "azure", "gcs", "b2", "swift")
+def test_an_object_and_a_folder_of_the_same_name_show_the_object(mnt: Mount, raw: Raw) -> None:
+    """Another tool wrote both `x` and `x/inner`: the listing shows one `x`, the object, as a
+    lookup does; the log says once that the folder is not reachable."""
+    raw.put("shadow/x", b"the object")
+    raw.put("shadow/x/inner", b"below the folder")
+    raw.put("shadow/y", b"y")
+    settle()
+    for _ in range(2):
+        with os.scandir(mnt.path / "shadow") as it:
+            kinds = {e.name: e.is_dir(follow_symlinks=False) for e in it}
+        assert kinds == {"x": False, "y": False}
+        assert stat.S_ISREG((mnt.path / "shadow" / "x").stat().st_mode)
+        assert (mnt.path / "shadow" / "x").read_bytes() == b"the object"
+    assert mnt.log().count("shadow/x is both an object and a folder") == 1

@@ -6,10 +6,16 @@ installed into /sbin for the module and removed afterwards, also when a test fai
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
+import stat
 import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -266,3 +272,74 @@ def test_execstop_flushes_and_returns_after_the_mount_process_exits(bucket, tmp_
             proc.wait(30)
         log.close()
         sock.close()
+
+
+NOBODY = 65534
+AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+
+
+@contextlib.contextmanager
+def modes_granted(grants: dict[Path, int]) -> Iterator[None]:
+    """Add permission bits to host paths for the test, and put the old modes back after it."""
+    old = {p: stat.S_IMODE(p.stat().st_mode) for p in grants}
+    try:
+        for p, bits in grants.items():
+            os.chmod(p, old[p] | bits)
+        yield
+    finally:
+        for p, mode in old.items():
+            os.chmod(p, mode)
+
+
+@contextlib.contextmanager
+def fstab_line(line: str) -> Iterator[None]:
+    """/etc/fstab with one more line (mount(8) reads no other fstab for a non-root user)."""
+    fstab = Path("/etc/fstab")
+    saved = fstab.read_bytes() if fstab.exists() else None
+    try:
+        fstab.write_bytes((saved or b"").rstrip(b"\n") + b"\n" + line.encode() + b"\n")
+        yield
+    finally:
+        if saved is None:
+            fstab.unlink()
+        else:
+            fstab.write_bytes(saved)
+
+
+def test_a_user_mount_from_fstab_by_a_non_root_user(sbin_helper, tmp_path):
+    """An fstab line with `user` lets uid 65534 run `mount MOUNTPOINT`: mount(8) runs the helper
+    as that user, the mount goes through fusermount3, the user reads and writes through it and
+    `cloudfs umount` (as the user) uploads and unmounts.  For that the user needs /dev/fuse
+    (0666 on Debian, 0600 in some containers) and the installation's interpreter reachable:
+    both are granted for the test and put back."""
+    home = Path(tempfile.mkdtemp(prefix="cloudfs-user-mount-", dir="/tmp"))
+    os.chmod(home, 0o755)
+    b, mnt, cache = home / "bucket", home / "mnt", home / "cache"
+    for d in (b, mnt, cache):
+        d.mkdir()
+    (b / "hello.txt").write_text("hello from the bucket\n")
+    for d in (b, mnt, cache, b / "hello.txt"):
+        os.chown(d, NOBODY, NOBODY)
+    python = Path(os.path.realpath(sys.executable))
+    reach = {p: 0o001 for p in python.parents if not stat.S_IMODE(p.stat().st_mode) & 0o001}
+    line = f"file://{b} {mnt} cloudfs user,noauto,cache_dir={cache},cache_size=64M,min_free=0 0 0"
+    try:
+        with fstab_line(line), modes_granted({Path("/dev/fuse"): 0o066, **reach}):
+            rc, out = run_logged([*AS_NOBODY, "mount", "-v", str(mnt)], tmp_path)
+            assert rc == 0, out
+            m = cloudfs_mount_at(mnt)
+            assert m is not None and {"nosuid", "nodev", "noexec"} <= m.options, (m, out)
+            r = subprocess.run([*AS_NOBODY, "cat", str(mnt / "hello.txt")], capture_output=True,
+                               text=True, timeout=10)
+            assert r.stdout == "hello from the bucket\n", r.stderr
+            r = subprocess.run([*AS_NOBODY, "sh", "-c", f"echo written > {mnt}/new.txt"],
+                               capture_output=True, text=True, timeout=10)
+            assert r.returncode == 0, r.stderr
+            rc, out = run_logged([*AS_NOBODY, CLOUDFS, "umount", str(mnt)], tmp_path, timeout=60)
+            assert rc == 0, out
+            assert cloudfs_mount_at(mnt) is None
+            assert (b / "new.txt").read_text() == "written\n"
+            assert (b / "new.txt").stat().st_uid == NOBODY
+    finally:
+        lazy_unmount(mnt)
+        shutil.rmtree(home, ignore_errors=True)

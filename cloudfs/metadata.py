@@ -344,6 +344,13 @@ class Metadata:
             return self.remember_dir(path, marker)
         return None
 
+    def uploaded(self, file: File) -> None:
+        """The store holds ``file`` as its base version with the attributes it has now (no
+        change since the round): recorded, so a listing after a remount needs no HEAD for it."""
+        if self.store is not None and file.base is not None and file.base.etag and not file.pending:
+            self.store.record([ObjectInfo(file.key, file.base.size, file.base.etag, time.time(),
+                                          self.cache.metadata(file))])
+
     def _record(self, info: ObjectInfo) -> None:
         """A HEAD result a later listing (of this mount or the next) need not ask again."""
         if self.store is not None:

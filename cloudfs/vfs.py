@@ -134,6 +134,7 @@ class VFS:
 
     def on_uploaded(self, file: File) -> None:
         """The uploader stored ``file``: an inode nothing else pins may go now."""
+        self.meta.uploaded(file)
         inode = self.table.get(file.key)
         if inode is not None and inode.file is file:
             self.table.release(inode)

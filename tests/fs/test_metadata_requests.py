@@ -247,6 +247,31 @@ def test_a_remount_lists_unchanged_objects_without_heads(target: Target, tmp_pat
         m.cleanup()
 
 
+def test_a_remount_lists_files_this_mount_uploaded_without_heads(target: Target, tmp_path: Path) -> None:
+    """What the mount uploaded is recorded with its ETag and attributes as it stored them: after
+    a remount with the same cache directory, `ls -l` of those files sends LISTs only, and shows
+    the attributes they were stored with."""
+    m = Mount(target, tmp_path / "mnt", tmp_path / "cache")
+    m.start()
+    try:
+        os.mkdir(m.path / "up")
+        for i in range(30):
+            (m.path / "up" / f"f{i:02d}").write_bytes(b"y" * i)
+            os.chmod(m.path / "up" / f"f{i:02d}", 0o600 + (i % 8))
+        os.utime(m.path / "up" / "f03", (1_600_000_000, 1_600_000_000))
+        m.remount()  # the unmount uploads everything first
+        assert (m.path / "up").is_dir()  # the folder's own lookup: not what is counted
+        before = requests(m)
+        listed = ls_l(m.path / "up")
+        sent = delta(before, requests(m))
+        assert {n: (s.st_size, stat.S_IMODE(s.st_mode)) for n, s in listed.items()} == {
+            f"f{i:02d}": (i, 0o600 + (i % 8)) for i in range(30)}
+        assert listed["f03"].st_mtime == 1_600_000_000
+        assert sent.get("head", 0) == 0 and sent.get("list_page", 0) >= 1, sent
+    finally:
+        m.cleanup()
+
+
 # ---------------------------------------------------------------------- requests from the kernel
 def test_ls_l_asks_for_security_labels_and_acls_once(target: Target, tmp_path: Path) -> None:
     """``ls -l`` asks every entry for its SELinux label and ACL; the ENOTSUP answer for those

@@ -62,6 +62,7 @@ from .multi_lock import MultiLock
 log = logging.getLogger(__name__)
 
 PAGE = 4096  # the accounting unit: a block file is charged its size rounded up to this
+READ_FDS = 64  # block files kept open for reads
 # Metadata key carrying the upload token (lowercase; a valid Azure metadata name).
 UPLOAD_KEY = "cloudfs_upload"
 
@@ -135,6 +136,11 @@ class BlockCache:
         self.files: dict[str, File] = {}  # by fid: every File with storage, linked or not
         self.pending: set[File] = set()  # files with changes the store does not have yet
         self.lru: OrderedDict[tuple[str, int], File] = OrderedDict()  # clean blocks, oldest first
+        # Block files kept open for reads (at most READ_FDS, least recently read closed first):
+        # a read needs no open/close, and the kernel's read-ahead on the block file carries on
+        # from read to read.  Invariant: only present blocks have one; a block leaves ``present``
+        # only through _drop_blocks, which closes it, so no fd outlives its block file.
+        self._read_fds: OrderedDict[tuple[str, int], int] = OrderedDict()
         self.used = 0  # bytes charged to block files, plus reservations in flight
         self.dirty_bytes = 0  # charges of the dirty blocks
         self.block_locks = MultiLock()
@@ -282,6 +288,8 @@ class BlockCache:
         journal.fsync_dir(self.files_dir)
 
     def close(self) -> None:
+        while self._read_fds:
+            os.close(self._read_fds.popitem()[1])
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -556,6 +564,9 @@ class BlockCache:
             file.present.discard(block)
             assert file.fid is not None
             self.lru.pop((file.fid, block), None)
+            fd = self._read_fds.pop((file.fid, block), None)
+            if fd is not None:
+                os.close(fd)
             charge = file.charged.pop(block, 0)
             if file.dirty.pop(block, None) is not None:
                 self.dirty_bytes -= charge
@@ -806,17 +817,28 @@ class BlockCache:
                 break
             if block not in file.present:
                 continue
-            fd = os.open(file.block_path(block), os.O_RDONLY)
-            try:
-                data = os.pread(fd, n, within)
-            finally:
-                os.close(fd)
+            data = os.pread(self._read_fd(file, block), n, within)
             if len(data) < n:
                 data += bytes(n - len(data))  # hole: zeros past the end of the block file
             self._touch(file, block)
+            if pos == offset and pos + n >= end:
+                return data  # all of it from one block: no copy
             out += data
             pos += n
         return bytes(out)
+
+    def _read_fd(self, file: File, block: int) -> int:
+        """An open read-only fd of a present block's file (see ``_read_fds``)."""
+        assert file.fid is not None
+        key = (file.fid, block)
+        fd = self._read_fds.get(key)
+        if fd is None:
+            fd = self._read_fds[key] = os.open(file.block_path(block), os.O_RDONLY | os.O_CLOEXEC)
+            if len(self._read_fds) > READ_FDS:
+                os.close(self._read_fds.popitem(last=False)[1])
+        else:
+            self._read_fds.move_to_end(key)
+        return fd
 
     def prefetch_range(self, file: File, offset: int, blocks: int | None = None) -> list[int]:
         """Blocks worth fetching ahead of a sequential reader at ``offset``."""

@@ -302,3 +302,47 @@ def test_a_file_larger_than_the_cache_goes_up_in_one_upload(tmp_path: Path) -> N
             assert await backend.get_range("big") == data
 
     trio.run(main)
+
+
+def open_block_files(cache_dir: Path) -> list[str]:
+    """Block files under the cache directory this process holds open (deleted ones too)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(f"{cache_dir}/files/"):
+            out.append(target)
+    return out
+
+
+def test_block_files_kept_open_for_reads_are_bounded_and_never_outlive_their_block(tmp_path: Path) -> None:
+    """Reads keep block files open (no open/close per read), at most READ_FDS of them; a block
+    that leaves the cache (truncate, unlink) closes its file, so no deleted block file stays
+    held and a block fetched again is read from its new file."""
+    from cloudfs.cache.block_cache import READ_FDS
+
+    async def main() -> None:
+        async with running(tmp_path, cache_size=1024 * BS) as m:
+            f = m.cache.new_file("f", attrs())
+            m.cache.open_handle(f)
+            nblocks = READ_FDS + 20
+            for b in range(nblocks):
+                await m.cache.write(f, b * BS, bytes([b % 251]) * BS)
+            for b in range(nblocks):
+                assert await m.cache.read(f, b * BS + 7, 100) == bytes([b % 251]) * 100
+            held = open_block_files(tmp_path / "cache")
+            assert 0 < len(held) <= READ_FDS
+            await m.cache.truncate(f, 2 * BS)
+            held = open_block_files(tmp_path / "cache")
+            assert not [p for p in held if p.endswith("(deleted)")], held
+            await m.cache.truncate(f, 4 * BS)  # blocks 2, 3 come back as zeros
+            assert await m.cache.read(f, 3 * BS, 10) == bytes(10)
+            assert await m.cache.read(f, BS, 10) == bytes([1]) * 10
+            m.cache.unlink(f)
+            m.cache.close_handle(f)
+            held = open_block_files(tmp_path / "cache")
+            assert held == [], held
+
+    trio.run(main)

@@ -127,13 +127,14 @@ class Uploader:
         idle = time.monotonic() - file.last_change
         settles_in = self.queue.delay - idle
         streaming = file.open_upload is not None and idle < STREAM_IDLE
-        if settles_in > 0 or (file.opens and (self.cache.waiting or streaming)):
+        if not self.cache.stalled and (settles_in > 0 or (file.opens and (self.cache.waiting or streaming))):
             # Still being written: it changed within the write-back delay, or it is open and
             # its writer may be the one waiting for cache space, or it is open and streams
             # out through an open upload that grew within STREAM_IDLE.  Send whole parts.  If
             # some went (room was made), or the file's dirty data can grow into its next part,
             # completing the upload now would only make the next round copy every part again;
-            # it completes once it settles (or is flushed).
+            # it completes once it settles (or is flushed).  Writers stalled for long (staging
+            # freed nothing) get a whole round instead.
             if await self.stage(file) or self._streaming(file):
                 return max(settles_in, self.queue.delay)
         await self.upload(file)

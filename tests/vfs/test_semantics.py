@@ -430,3 +430,54 @@ def test_ctime_is_journaled_uploaded_and_taken_from_the_kernel(rig: Rig) -> None
             assert (await fs.stored_meta("f"))["ctime"] == "1700000000.000000005"
 
     run(main)
+
+
+# ---------------------------------------------------------------------- reading
+def test_a_random_read_of_an_uncached_block_fetches_one_small_range(rig: Rig) -> None:
+    """A reader that seeks: a miss in an absent block fetches one range of at most
+    SMALL_RANGE around the read, not the whole block, and caches nothing; the same block
+    missed again SMALL_READS times is then fetched whole and cached.  A sequential reader, and
+    a first read, fetch whole blocks as before."""
+    from cloudfs.cache.block_cache import SMALL_RANGE, SMALL_READS
+
+    async def main() -> None:
+        block = 4 << 20
+        async with rig.mounted(block_size=block, cache_size=64 << 20) as fs:
+            data = os.urandom(1 << 20) * 40  # 40 MiB: 10 blocks
+            await fs.other_tool_puts("big", data)
+            gets: list[int] = []
+            real = fs.backend.download
+
+            async def counting(key: str, out: Any, start: int = 0, length: int | None = None,
+                               if_match: str | None = None) -> None:
+                gets.append(length if length is not None else -1)
+                await real(key, out, start, length, if_match)
+
+            fs.backend.download = counting  # type: ignore[method-assign]
+            fh = await fs.open("big", os.O_RDONLY)
+            file = fs.vfs.handles.file(fh).file
+            assert await fs.vfs.read(fh, 0, 4096) == data[:4096]  # a first read: the whole block
+            assert gets == [block]
+            off = 7 * block + 1_234_567
+            for n in range(SMALL_READS):
+                gets.clear()
+                assert await fs.vfs.read(fh, off + n * 8192, 4096) == data[off + n * 8192:][:4096]
+                assert len(gets) == 1 and gets[0] <= SMALL_RANGE, gets
+                assert 7 not in file.present
+            gets.clear()
+            assert await fs.vfs.read(fh, off + 99_000, 4096) == data[off + 99_000:][:4096]
+            assert gets == [block] and 7 in file.present  # missed often enough: fetched whole
+            gets.clear()
+            assert await fs.vfs.read(fh, off, 4096) == data[off:off + 4096]
+            assert gets == []  # cached now
+            await fs.release(fh)
+            fh = await fs.open("big", os.O_RDWR)
+            off = 3 * block + 5000
+            await fs.write(fh, off, b"local")  # the block is fetched whole for the write
+            gets.clear()
+            assert await fs.vfs.read(fh, 9 * block, 10) == data[9 * block:][:10]
+            assert await fs.vfs.read(fh, off, 5) == b"local"
+            await fs.release(fh)
+            fs.crashed = True
+
+    run(main)

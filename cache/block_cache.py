@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import io
 import logging
 import os
 import shutil
@@ -64,11 +63,7 @@ log = logging.getLogger(__name__)
 
 PAGE = 4096  # the accounting unit: a block file is charged its size rounded up to this
 READ_FDS = 64  # block files kept open for reads
-# A random read of an absent block fetches only this much around it (aligned), the first
-# SMALL_READS times; after that the whole block is fetched and cached, as for every read.
 STALL_ESCALATE = 10.0  # seconds a writer waits for space before uploads stop staging only
-SMALL_RANGE = 256 * 1024
-SMALL_READS = 2
 # Metadata key carrying the upload token (lowercase; a valid Azure metadata name).
 UPLOAD_KEY = "cloudfs_upload"
 
@@ -153,8 +148,7 @@ class BlockCache:
         self.block_locks = MultiLock()
         self._changed = trio.Event()  # replaced each time space is freed / dirty bytes drop
         self.fetch_limiter = trio.CapacityLimiter(8)
-        self.stats = {"fetches": 0, "fetched_bytes": 0, "evictions": 0, "hits": 0, "lost_bytes": 0,
-                      "small_fetches": 0}
+        self.stats = {"fetches": 0, "fetched_bytes": 0, "evictions": 0, "hits": 0, "lost_bytes": 0}
         self._lock_fd: int | None = None
         # Journal records written, by thread: "trio" (the FUSE thread waits for these) and
         # "worker".  For tests and profiling.
@@ -823,15 +817,8 @@ class BlockCache:
         if k in self.lru:
             self.lru.move_to_end(k)
 
-    async def read(self, file: File, offset: int, size: int, random: bool = False) -> bytes:
-        """``size`` bytes from ``offset`` (fewer at the end).  ``random``: the reader is not
-        sequential, so a miss within one absent block may be served from a small ranged GET
-        instead of the whole block (see ``_read_small``)."""
+    async def read(self, file: File, offset: int, size: int) -> bytes:
         end = min(offset + size, file.size)
-        if random and offset < end:
-            data = await self._read_small(file, offset, end)
-            if data is not None:
-                return data
         out = bytearray()
         pos = offset
         while pos < end:
@@ -853,37 +840,6 @@ class BlockCache:
             out += data
             pos += n
         return bytes(out)
-
-    async def _read_small(self, file: File, offset: int, end: int) -> bytes | None:
-        """[offset, end) from a GET of at most SMALL_RANGE around it, when that lies in one
-        block that is absent, holds only stored bytes (no local change, no open upload) and
-        was read this way fewer than SMALL_READS times; None otherwise (the caller reads
-        through the block).  Nothing is cached: a block read again is fetched whole."""
-        block = offset // self.block_size
-        base = file.base
-        if (base is None or file.unlinked or block in file.present or block in file.staged
-                or file.fetch_limit <= self.block_size
-                or (end - 1) // self.block_size != block or end > file.fetch_limit
-                or file.small_reads.get(block, 0) >= SMALL_READS
-                or (file.fid is not None and self.block_locks.locked((file.fid, block)))):
-            return None
-        file.small_reads[block] = file.small_reads.get(block, 0) + 1
-        block_start = block * self.block_size
-        start = max(block_start, offset - offset % SMALL_RANGE)
-        stop = min(block_start + self.block_size, file.fetch_limit, max(end, start + SMALL_RANGE))
-        epoch = file.epoch
-        buf = io.BytesIO()
-        try:
-            async with self.fetch_limiter:
-                await self.backend.download(file.key, buf, start, stop - start, if_match=base.etag)
-        except (PreconditionFailed, NotFound):
-            return None  # the normal path says why (StaleError)
-        if (file.epoch != epoch or file.base is not base or block in file.present or end > file.size
-                or len(buf.getbuffer()) != stop - start):
-            return None  # changed meanwhile: these bytes may be stale
-        self.stats["small_fetches"] += 1
-        self.stats["fetched_bytes"] += stop - start
-        return buf.getbuffer()[offset - start:end - start].tobytes()
 
     def _read_fd(self, file: File, block: int) -> int:
         """An open read-only fd of a present block's file (see ``_read_fds``)."""

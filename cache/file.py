@@ -110,8 +110,6 @@ class File:
     # ctime; 0: none.  Uploads and journal records store the later of the two.
     ctime_ns: int = 0
     trunc_low: int = 0  # smallest size truncated to while an upload is in flight
-    # Absent blocks read only in small ranges so far (random reads): block -> how many times.
-    small_reads: dict[int, int] = field(default_factory=dict)
     idle: trio.Event = field(default_factory=trio.Event)  # set while no upload is in flight
     # The journal record's order (BlockCache._write_record): every record built, or removal,
     # takes the next number on the trio thread; ``journal_done`` is the newest one on disk.

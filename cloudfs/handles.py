@@ -33,11 +33,6 @@ class ReadAhead:
         self.next_offset = -1  # where a sequential read would start
         self.window = 0
 
-    def seeks_to(self, start: int) -> bool:
-        """Whether a read at ``start`` is a seek: not the first read, and not where the last
-        one ended (a random reader; its misses need not fetch whole blocks)."""
-        return self.next_offset != -1 and start != self.next_offset
-
     def advise(self, start: int, end: int) -> int:
         """A read of [start, end) happened: how many blocks past ``end`` to fetch now."""
         if start != self.next_offset:

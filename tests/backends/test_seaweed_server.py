@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,14 @@ def test_seaweed_persists_across_restart(tmp_path: Path, monkeypatch: pytest.Mon
             b.close()
 
         srv.restart()
+        # The S3 gateway answers before its volume server serves reads again: wait (bounded)
+        # until the object comes back, then check everything about it.
+        for _ in range(120):
+            try:
+                target.sdk.head_object(Bucket=target.extra["bucket"], Key="pre/dir/obj")
+                break
+            except Exception:
+                time.sleep(0.5)
 
         b = open_backend(target.url + "/pre", target.options)
         try:

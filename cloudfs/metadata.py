@@ -97,17 +97,19 @@ class Metadata:
             return False
         elif inode.is_dir:
             # A folder whose listing is trusted is known to exist as long as its names are.
-            known = self.listings.get(inode.path)
-            if known is not None and known.until > time.monotonic():
+            if self._trusted(inode.path) is not None:
                 return True
         return time.monotonic() - inode.refreshed < self.opts.attr_timeout
 
+    def _trusted(self, path: str) -> Listing | None:
+        """The kept listing of the folder ``path`` while it is trusted (within dir_cache_time)."""
+        known = self.listings.get(path)
+        return known if known is not None and known.until > time.monotonic() else None
+
     def _seen_in_listing(self, path: str) -> Inode | None:
-        """The inode the parent's trusted listing (within dir_cache_time) last saw at ``path``."""
-        known = self.listings.get(parent_of(path))
-        if known is None or known.until <= time.monotonic():
-            return None
-        return known.entries.get(path.rpartition("/")[2])
+        """The inode the parent's trusted listing last saw at ``path``."""
+        known = self._trusted(parent_of(path))
+        return known.entries.get(path.rpartition("/")[2]) if known is not None else None
 
     def listed_without(self, path: str) -> bool:
         """Whether the last complete listing of the parent, however old, lacks ``path``."""
@@ -116,16 +118,15 @@ class Metadata:
 
     def _listing_lacks(self, path: str) -> bool:
         """Whether the parent's listing is trusted (within dir_cache_time) and lacks ``path``."""
-        known = self.listings.get(parent_of(path))
-        return (known is not None and known.until > time.monotonic()
-                and path.rpartition("/")[2] not in known.entries)
+        known = self._trusted(parent_of(path))
+        return known is not None and path.rpartition("/")[2] not in known.entries
 
     async def cached_listing(self, path: str, stale: bool = False) -> list[Inode] | None:
         """The folder's listing as inodes, answered without a LIST: while it is trusted
         (within ``dir_cache_time``), or however old if ``stale`` (offline).  None if there is
         none, or an entry can no longer be made into an inode."""
-        known = self.listings.get(path)
-        if known is None or (not stale and known.until <= time.monotonic()):
+        known = self.listings.get(path) if stale else self._trusted(path)
+        if known is None:
             return None
         out: list[Inode] = []
         for name, seen in list(known.entries.items()):
@@ -163,8 +164,8 @@ class Metadata:
 
     def _listed_folder(self, path: str) -> Inode | None:
         """The inode of a folder whose listing is trusted, though the kernel made us forget it."""
-        known = self.listings.get(path)
-        if known is None or known.folder is None or known.until <= time.monotonic():
+        known = self._trusted(path)
+        if known is None or known.folder is None:
             return None
         return self.table.add(path, meta=known.folder)
 
@@ -347,12 +348,13 @@ class Metadata:
     def uploaded(self, file: File) -> None:
         """The store holds ``file`` as its base version with the attributes it has now (no
         change since the round): recorded, so a listing after a remount needs no HEAD for it."""
-        if self.store is not None and file.base is not None and file.base.etag and not file.pending:
-            self.store.record([ObjectInfo(file.key, file.base.size, file.base.etag, time.time(),
-                                          self.cache.metadata(file))])
+        if file.base is not None and file.base.etag and not file.pending:
+            self._record(ObjectInfo(file.key, file.base.size, file.base.etag, time.time(),
+                                    self.cache.metadata(file)))
 
     def _record(self, info: ObjectInfo) -> None:
-        """A HEAD result a later listing (of this mount or the next) need not ask again."""
+        """What the store said of an object (a HEAD, or an upload's answer): a later listing,
+        of this mount or the next, need not ask again."""
         if self.store is not None:
             self.store.record([info])
 
@@ -506,7 +508,7 @@ class Metadata:
             if known is not None and known.refreshed >= fill.started:
                 known.refreshed = now
         folder = self.table.get(fill.path)
-        self.listings.put(fill.path, Listing(time.monotonic() + self.opts.dir_cache_time, names,
+        self.listings.put(fill.path, Listing(now + self.opts.dir_cache_time, names,
                                              folder.meta if folder is not None and folder.is_dir else None))
 
     def local_children(self, path: str) -> list[Inode]:

@@ -306,6 +306,22 @@ def fstab_line(line: str) -> Iterator[None]:
             fstab.write_bytes(saved)
 
 
+def user_mount_diagnostics(mnt: Path) -> str:
+    """What mount(8) run by a user depends on, for a failure message: the helper it looks up
+    in /sbin, its own set-user-ID bit, the fstab line and the file systems involved."""
+    cmds = [["ls", "-l", "/sbin/mount.cloudfs", "/usr/sbin/mount.cloudfs"],
+            [*AS_NOBODY, "stat", "-c", "%n %A", "/sbin/mount.cloudfs"],
+            ["sh", "-c", "ls -l $(command -v mount) $(command -v fusermount3)"],
+            ["grep", "-F", str(mnt), "/etc/fstab"],
+            ["findmnt", "-n", "-o", "TARGET,FSTYPE,OPTIONS", "-T", "/usr/sbin"],
+            ["findmnt", "-n", "-o", "TARGET,FSTYPE,OPTIONS", "-T", str(mnt)]]  # fmt: skip
+    lines = ["", "--- for diagnosis:"]
+    for cmd in cmds:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        lines.append(f"$ {' '.join(cmd)}\n{r.stdout}{r.stderr}".rstrip())
+    return "\n".join(lines)
+
+
 def test_a_user_mount_from_fstab_by_a_non_root_user(sbin_helper, tmp_path):
     """An fstab line with `user` lets uid 65534 run `mount MOUNTPOINT`: mount(8) runs the helper
     as that user, the mount goes through fusermount3, the user reads and writes through it and
@@ -326,7 +342,7 @@ def test_a_user_mount_from_fstab_by_a_non_root_user(sbin_helper, tmp_path):
     try:
         with fstab_line(line), modes_granted({Path("/dev/fuse"): 0o066, **reach}):
             rc, out = run_logged([*AS_NOBODY, "mount", "-v", str(mnt)], tmp_path)
-            assert rc == 0, out
+            assert rc == 0, out + user_mount_diagnostics(mnt)
             m = cloudfs_mount_at(mnt)
             assert m is not None and {"nosuid", "nodev", "noexec"} <= m.options, (m, out)
             r = subprocess.run([*AS_NOBODY, "cat", str(mnt / "hello.txt")], capture_output=True,

@@ -9,7 +9,8 @@ Read-ahead (after mountpoint-s3's prefetcher): each handle watches its own reads
 have run sequentially for ``SEQUENTIAL_RUN`` bytes (the kernel's own read-ahead turns one
 random read into a short sequential run, so a shorter run says nothing), the window of
 blocks fetched ahead starts at one and doubles with every further read in sequence,
-up to ``max_blocks``.  A seek resets it: a random reader never fetches more than it reads.
+up to ``max_blocks``.  A seek further than ``SLACK`` resets it: a random reader never fetches
+more than it reads.
 """
 
 from __future__ import annotations
@@ -25,20 +26,24 @@ from .inodes import Inode
 
 class ReadAhead:
     SEQUENTIAL_RUN = 4 * 1024 * 1024
+    # The kernel keeps several reads of one file in flight and they are answered in any
+    # order, so "in sequence" means within this distance of the furthest read so far
+    # (mountpoint-s3 allows small forward and backward seeks the same way).
+    SLACK = 1024 * 1024
 
     def __init__(self, block_size: int, max_blocks: int) -> None:
         self.block_size = block_size
         self.max_blocks = max_blocks
         self.run_start = 0
-        self.next_offset = -1  # where a sequential read would start
+        self.furthest = -1  # the end of the furthest read of the current run
         self.window = 0
 
     def advise(self, start: int, end: int) -> int:
-        """A read of [start, end) happened: how many blocks past ``end`` to fetch now."""
-        if start != self.next_offset:
-            self.run_start, self.window = start, 0  # not sequential: a new run begins
-        self.next_offset = end
-        if end - self.run_start < self.SEQUENTIAL_RUN or not self.max_blocks:
+        """A read of [start, end) arrived: how many blocks past ``end`` to fetch now."""
+        if self.furthest < 0 or abs(start - self.furthest) > self.SLACK:
+            self.run_start, self.window, self.furthest = start, 0, end  # a seek: a new run begins
+        self.run_start, self.furthest = min(self.run_start, start), max(self.furthest, end)
+        if self.furthest - self.run_start < self.SEQUENTIAL_RUN or not self.max_blocks:
             return 0
         self.window = min(self.max_blocks, max(1, self.window * 2))
         return self.window

@@ -444,8 +444,8 @@ class VFS:
         # No access-mode check: with writeback caching the kernel reads partial pages through
         # write-only handles (O_APPEND writers); a program cannot read through one anyway.
         handle = self.handles.file(fh)
+        ahead = handle.readahead.advise(offset, offset + size)  # in arrival order, not completion
         data = await self.cache.read(handle.file, offset, size)
-        ahead = handle.readahead.advise(offset, offset + len(data))
         if ahead and self._background is not None and data:
             for block in self.cache.prefetch_range(handle.file, offset + len(data) - 1, ahead):
                 self._background.start_soon(self._prefetch, handle.file, block)

@@ -276,7 +276,7 @@ class S3Backend(Backend):
         self._botocore_exc = botocore.exceptions
         self.settings = settings or WriteSettings()
         self._extra = self._extra_parameters()
-        # HEAD and LIST through s3_fast (built at the first of them, see ``_fast_path``);
+        # HEAD, LIST and small PUTs through s3_fast (built at the first of them, see ``_fast_path``);
         # False: always through boto3 (tests and bench/s3_requests.py compare the two).  The
         # fast path sends no request-payer or SSE-C headers, so those settings take boto3.
         self._fast_wanted = fast_path and not (self.settings.requester_pays
@@ -516,7 +516,10 @@ class S3Backend(Backend):
         if if_none_match:
             kw["IfNoneMatch"] = "*"
         with payload.open() as body:
-            resp = self._run(key, self.client.put_object, Body=body, **kw)
+            if payload.size <= s3_fast.PUT_MAX:  # a small file: one request from memory
+                resp = self._hot_call(key, "put_object", Body=body.read(), **kw)
+            else:
+                resp = self._run(key, self.client.put_object, Body=body, **kw)
         return _unquote(resp.get("ETag")) or ""
 
     def _copy(self, src: str, dst: str, metadata: dict[str, str] | None) -> str:

@@ -1,5 +1,5 @@
-"""A lean request path for the S3 backend's two hot metadata calls: HeadObject and
-ListObjectsV2.
+"""A lean request path for the S3 backend's hot calls: HeadObject and ListObjectsV2 (a cold
+``ls -l`` sends one HEAD per entry) and PutObject of small bodies (one per small file).
 
 botocore's generic machinery (parameter validation, endpoint ruleset resolution, event
 hooks, signing, the generic response parser with dateutil) costs about 2 ms of CPU per
@@ -9,13 +9,18 @@ own URL and query encoding, signed by botocore's own signer (the client's refres
 credentials, session token and signing region), and sent through the client's own
 connection pool (``client._endpoint.http_session``: its CA bundle, ``verify``, proxies,
 client certificate, timeouts and pool size).  Only successful answers are parsed here,
-cheaply: HEAD from its headers, LIST with ElementTree.  Error answers go through botocore's
+cheaply: HEAD and PUT from their headers, LIST with ElementTree.  Error answers go through botocore's
 own parser into the same ``ClientError`` the client raises, so ``S3Backend._translate`` maps
 both paths alike.
 
-:meth:`FastPath.head_object` and :meth:`FastPath.list_objects_v2` take the client's
-keyword arguments and return the subset of the client's parsed response that the backend
-reads, with the same types and values (``tests/backends/test_s3_fast.py`` compares them).
+:meth:`FastPath.head_object`, :meth:`FastPath.list_objects_v2` and :meth:`FastPath.put_object`
+take the client's keyword arguments and return the subset of the client's parsed response
+that the backend reads, with the same types and values (``tests/backends/test_s3_fast.py``
+compares them).  A PUT's headers are those botocore's own serializer writes for the same
+arguments; bodies up to ``PUT_MAX`` are sent from memory, in one signed request.  A PUT goes
+through boto3 instead where botocore would add more than the serializer does: a checksum
+(``request_checksum_calculation=when_supported``, AWS's default: it may go in an aws-chunked
+trailer), or metadata botocore refuses (not ASCII).
 
 Nothing here is shared between two backends: each FastPath belongs to one client.
 """
@@ -34,6 +39,8 @@ log = logging.getLogger(__name__)
 
 HEAD = "HeadObject"
 LIST = "ListObjectsV2"
+PUT = "PutObject"
+PUT_MAX = 1024 * 1024  # larger bodies stream from their file through boto3
 _META_PREFIX = "x-amz-meta-"
 _MONTHS = {m: i for i, m in enumerate(("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep",
                                        "Oct", "Nov", "Dec"), start=1)}
@@ -112,18 +119,21 @@ class FastPath:
             creator = getattr(client, "_user_agent_creator", None)
             self._user_agent = creator.to_string() if creator is not None else self._config.user_agent
             self._client = client
+            self._serializer = client._serializer
             self._endpoints = self._resolve()
         except Unsupported:
             raise
         except Exception as exc:  # a botocore without these internals, an unresolvable endpoint
             raise Unsupported(f"botocore internals not as expected ({type(exc).__name__})") from None
         self._endpoints_stale = False
+        # Only then does botocore add nothing to a PutObject beyond its serialized headers.
+        self._puts = getattr(self._config, "request_checksum_calculation", None) == "when_required"
 
     def _resolve(self) -> dict[str, _Endpoint]:
         # Resolving runs botocore's before-endpoint-resolution hooks, so a region the
         # redirector learned for the bucket is used from then on.
         try:
-            return {op: _Endpoint(self._client, op, self._bucket) for op in (HEAD, LIST)}
+            return {op: _Endpoint(self._client, op, self._bucket) for op in (HEAD, LIST, PUT)}
         except Unsupported:
             raise
         except Exception as exc:  # an endpoint the ruleset cannot resolve: boto3 says why
@@ -165,23 +175,40 @@ class FastPath:
             self._raise_error(self._endpoint(LIST), resp, status=500)
         return _list_answer(root)
 
+    def put_object(self, *, Bucket: str, Key: str, Body: bytes, **params: Any) -> dict[str, Any]:
+        """PutObject of a body in memory: ``ETag`` as boto3 parses it.  ``params`` are the
+        client's other PutObject arguments (Metadata, ContentType, ContentLength, IfMatch,
+        IfNoneMatch, StorageClass, ACL, ...)."""
+        assert Bucket == self._bucket
+        metadata = params.get("Metadata") or {}
+        if (not self._puts or not Key or not isinstance(Body, bytes) or len(Body) > PUT_MAX
+                or not all(k.isascii() and v.isascii() for k, v in metadata.items())):
+            raise UseClient()
+        endpoint = self._endpoint(PUT)
+        serialized = self._serializer.serialize_to_request({"Bucket": Bucket, "Key": Key, **params},
+                                                           endpoint.model)
+        resp = self._send(PUT, "PUT", _key_path(Key), {}, serialized["headers"], Body)
+        return {"ETag": resp.headers["etag"]} if "etag" in resp.headers else {}
+
     # ------------------------------------------------------------------ plumbing
-    def _request(self, endpoint: _Endpoint, method: str, path: str, query: dict[str, Any]) -> Any:
+    def _request(self, endpoint: _Endpoint, method: str, path: str, query: dict[str, Any],
+                 headers: dict[str, str] | None = None, body: bytes = b"") -> Any:
         """The unsigned AWSRequest, its URL joined and its query encoded by botocore."""
         from botocore.awsrequest import create_request_object, prepare_request_dict
 
-        request_dict = {"url_path": path, "query_string": query, "method": method, "headers": {},
-                        "body": b""}
+        request_dict = {"url_path": path, "query_string": query, "method": method,
+                        "headers": dict(headers or {}), "body": body}
         prepare_request_dict(request_dict, endpoint.url, {"client_config": self._config},
                              self._user_agent)
         return create_request_object(request_dict)
 
-    def _send(self, operation: str, method: str, path: str, query: dict[str, Any]) -> Any:
+    def _send(self, operation: str, method: str, path: str, query: dict[str, Any],
+              headers: dict[str, str] | None = None, body: bytes = b"") -> Any:
         """Build, sign and send one request; the response when it is a success.  An error
         answer raises the ClientError the client would; transport failures raise botocore's
         own exceptions (the http session maps urllib3's)."""
         endpoint = self._endpoint(operation)
-        request = self._request(endpoint, method, path, query)
+        request = self._request(endpoint, method, path, query, headers, body)
         # get_auth_instance freezes the client's credentials (refreshing them when they are
         # about to expire); none at all raises NoCredentialsError when signing, as boto3 does.
         self._signer.get_auth_instance(endpoint.signing_name, endpoint.region,
@@ -207,7 +234,7 @@ class FastPath:
 
 
 def _key_path(key: str) -> str:
-    """HeadObject's path, as botocore's serializer renders "/{Key+}": "/" and "~" kept."""
+    """An object's path, as botocore's serializer renders "/{Key+}": "/" and "~" kept."""
     from botocore.utils import percent_encode
 
     return "/" + percent_encode(key, safe="/~")

@@ -1,4 +1,4 @@
-"""The S3 backend's lean HEAD/LIST path (backends/s3_fast.py) answers exactly as boto3 does.
+"""The S3 backend's lean HEAD/LIST/PUT path (backends/s3_fast.py) answers exactly as boto3 does.
 
 Every check runs the same call through two backends on the same bucket of a real server
 (moto and SeaweedFS): one with the fast path, one with ``fast_path=False`` (boto3 alone, the
@@ -20,7 +20,8 @@ from urllib.parse import urlsplit
 import pytest
 import trio
 
-from cloudfs.backends.base import ListPage, ObjectInfo, RetryPolicy
+from cloudfs.backends import s3_fast
+from cloudfs.backends.base import ListPage, ObjectInfo, Payload, RetryPolicy
 from cloudfs.backends.errors import BackendError, NotFound, PermissionDenied, Transient
 from cloudfs.backends.s3 import S3Backend
 from cloudfs.layout import encode_xattrs
@@ -59,9 +60,9 @@ def pair(bucket: str, endpoint: str | None = None, **kw: Any) -> Iterator[tuple[
 
 
 def boto3_sends(b: S3Backend) -> list[str]:
-    """URLs of the HEAD/LIST requests the backend's boto3 client sends (it records, changes nothing)."""
+    """URLs of the HEAD/LIST/PUT requests the backend's boto3 client sends (it records, changes nothing)."""
     urls: list[str] = []
-    for op in ("HeadObject", "ListObjectsV2"):
+    for op in ("HeadObject", "ListObjectsV2", "PutObject"):
         b.client.meta.events.register(f"before-send.s3.{op}", lambda request, **_: urls.append(request.url))
     return urls
 
@@ -102,6 +103,42 @@ def test_head_answers_as_boto3(target: Target, objects: list[str]) -> None:
             if isinstance(a, ObjectInfo):
                 assert a.mtime is not None and a.etag and not a.etag.startswith('"')
         assert fast._fast is not None and sent == []  # every HEAD took the fast path
+
+
+SMALL_META = {"mode": "33188", "uid": "1000", "mtime": "1700000000.123456789", "CamelCase": "Kept",
+              "xattr": encode_xattrs({"user.名前".encode(): "värde ✓".encode()})}
+
+
+def test_small_puts_store_what_boto3_stores(target: Target) -> None:
+    """The same small PUTs through both paths store the same objects (body, metadata,
+    Content-Type, ETag), and their conditions refuse alike.  A body over PUT_MAX and
+    metadata boto3 refuses (not ASCII) take boto3's path."""
+    sdk, bucket = target.sdk, target.extra["bucket"]
+    keys = [k for k in KEYS if not k.endswith("/") and len(k) < 250] + ["page.html", "photo.JPG"]
+    with pair(bucket) as (fast, slow):
+        sent = boto3_sends(fast)
+        for tag, b in (("fast", fast), ("slow", slow)):
+            for i, key in enumerate(keys):
+                etag = run(b.put, f"{tag}/{key}", Payload.from_bytes(b"y" * i), SMALL_META if i % 2 else {})
+                assert etag and not etag.startswith('"')
+        assert sent == []  # every PUT took the fast path
+        for key in keys:
+            a, b = (sdk.head_object(Bucket=bucket, Key=f"{tag}/{key}") for tag in ("fast", "slow"))
+            for field in ("ContentLength", "ETag", "Metadata", "ContentType"):
+                assert a[field] == b[field], (key, field)
+        stored = sdk.head_object(Bucket=bucket, Key="fast/plain")["ETag"].strip('"')
+        body = Payload.from_bytes(b"z")
+        for cond in ((None, True), ("0" * 32, False)):  # it exists; it is another version
+            refused = outcome(fast.put, "fast/plain", body, {}, *cond)
+            assert refused == outcome(slow.put, "fast/plain", body, {}, *cond)
+            assert isinstance(refused, tuple) and issubclass(refused[0], BackendError), refused
+        assert run(fast.put, "fast/plain", Payload.from_bytes(b"w"), {}, stored) != stored
+        assert sent == []
+        big = Payload.from_bytes(b"b" * (s3_fast.PUT_MAX + 1))
+        assert run(fast.put, "fast/big", big) == run(slow.put, "slow/big", big)
+        assert len(sent) == 1  # boto3 streams it from its file
+        odd = [outcome(b.put, "odd", Payload.from_bytes(b"o"), {"note": "élève"}) for b in (fast, slow)]
+        assert odd[0] == odd[1] and isinstance(odd[0], tuple), odd  # what boto3 refuses, it refuses itself
 
 
 def test_head_metadata_as_stored(target: Target, objects: list[str]) -> None:
@@ -160,6 +197,8 @@ def test_requests_are_those_boto3_sends(target: Target, objects: list[str]) -> N
             for b in (fast, slow):
                 for key in objects[:20]:
                     run(b.head, key)
+                for key in objects[:5]:
+                    run(b.put, f"put/{key}", Payload.from_bytes(b"p"), {"mode": "33188"})
                 run(all_pages, b, "dir/", "/", 2)
                 run(all_pages, b, "", None, 1000)
         half = len(proxy.requests) // 2

@@ -115,7 +115,8 @@ async def _no_open_uploads(file: File) -> None:
 class BlockCache:
     def __init__(self, backend: Backend, cache_dir: str, *, block_size: int, max_bytes: int,
                  max_dirty: int, min_free: int = 0, readahead_blocks: int = 4,
-                 stall_timeout: float = 600.0, store_identity: str | None = None,
+                 stall_timeout: float = 600.0, stall_escalate: float = STALL_ESCALATE,
+                 store_identity: str | None = None,
                  on_dirty: Callable[[File], None] = _ignore, on_pressure: Callable[[], None] = _nothing,
                  complete_upload: Callable[[File], Awaitable[None]] = _no_open_uploads) -> None:
         self.backend = backend
@@ -127,8 +128,9 @@ class BlockCache:
         self.min_free = min_free
         self.readahead_blocks = readahead_blocks
         self.stall_timeout = stall_timeout
+        self.stall_escalate = stall_escalate  # see STALL_ESCALATE
         self.waiting = 0  # writers waiting for cache space right now
-        self.stalled = 0  # of them, those waiting longer than STALL_ESCALATE
+        self.stalled = 0  # of them, those waiting longer than stall_escalate
         self._told_disk_full = False  # the log said writes get ENOSPC (min_free), not yet undone
         self.store_identity = store_identity or backend.describe()
         self._on_dirty = on_dirty
@@ -593,7 +595,7 @@ class BlockCache:
         try:
             self._on_pressure()
             with trio.move_on_after(self.stall_timeout) as scope:
-                with trio.move_on_after(min(STALL_ESCALATE, self.stall_timeout)) as early:
+                with trio.move_on_after(min(self.stall_escalate, self.stall_timeout)) as early:
                     await self._changed.wait()
                 if early.cancelled_caught:
                     # Staging whole parts freed nothing: the uploader sends whole rounds
@@ -601,7 +603,7 @@ class BlockCache:
                     self.stalled += 1
                     try:
                         log.info("writers waited %.0fs for cache space: uploading whole files",
-                                 STALL_ESCALATE)
+                                 self.stall_escalate)
                         self._on_pressure()
                         await self._changed.wait()
                     finally:

@@ -18,7 +18,7 @@ import trio
 import trio.testing
 
 from cloudfs.backends import open_backend
-from cloudfs.backends.errors import BackendError
+from cloudfs.backends.errors import BackendError, NotFound
 from cloudfs.cache.file import Status
 from cloudfs.cache.journal import CacheMismatch
 from cloudfs.daemon import Mount, build
@@ -300,6 +300,111 @@ def test_a_file_larger_than_the_cache_goes_up_in_one_upload(tmp_path: Path) -> N
             parts = -(-len(data) // m.uploader._part_size(0, streaming=True))
             assert calls == {"mpu_create": 1, "mpu_part": parts, "mpu_complete": 1}
             assert await backend.get_range("big") == data
+
+    trio.run(main)
+
+
+async def stuck_on_an_unfinished_part(m: Mount) -> tuple[Any, bytes, int]:
+    """An open file streaming out through a cache whose dirty budget is one part and a block:
+    part 1 staged (its upload open), then every block of part 2 but its first (the kernel
+    has not written that one yet) and the first two of part 3, which fill the budget.  No
+    part is whole, so staging can free nothing, and ``_streaming`` tells the uploader to
+    keep staging.  Returns the file, its final bytes and the blocks in a part."""
+    part = m.uploader._part_size(0, streaming=True)
+    pb = part // BS
+    m.cache.max_bytes = m.cache.max_dirty = part + BS
+    data = os.urandom((2 * pb + 3) * BS)
+    file = m.cache.new_file("big", attrs())
+    m.cache.open_handle(file)
+    for b in [*range(pb), *range(pb + 1, 2 * pb + 2)]:
+        if b == pb + 1:
+            assert await m.uploader.stage(file) and file.open_upload is not None
+        await m.cache.write(file, b * BS, data[b * BS:(b + 1) * BS])
+    assert m.cache.dirty_bytes == m.cache.max_dirty and not await m.uploader.stage(file)
+    # Passes every half second from now on (stage-only while no writer is stalled), so an
+    # expedite that arrives while a pass runs waits half a second, not the hour above.
+    m.uploader.queue.delay = 0.5
+    return file, data, pb
+
+
+async def write_the_rest(m: Mount, file: Any, data: bytes, done: trio.Event) -> None:
+    """The write past the budget: the last block of ``data``, the third of part 3."""
+    await m.cache.write(file, len(data) - BS, data[-BS:])
+    done.set()
+
+
+def test_a_writer_stalled_behind_an_unfinished_part_gets_a_whole_round(tmp_path: Path) -> None:
+    """A writer waiting for cache space behind an open file whose parts staging cannot send
+    (CI: test_sigkill_while_a_file_larger_than_the_cache_streams_out waited 600 s).  After
+    ``stall_escalate`` the uploader completes the open upload (a whole round, the file still
+    open), the dirty blocks become clean and the writer goes on; the store gets every byte."""
+    async def main() -> None:
+        async with running(tmp_path) as m:
+            file, data, pb = await stuck_on_an_unfinished_part(m)
+            backend = m.uploader.backend
+            seen: dict[str, Any] = {}
+            done = trio.Event()
+            real = backend.mpu_complete
+
+            async def complete(*args: Any) -> str:
+                etag = await real(*args)
+                seen.update(stalled=m.cache.stalled, waiting=m.cache.waiting, opens=file.opens,
+                            written=done.is_set(), stored=await backend.get_range("big"))
+                return etag
+
+            backend.mpu_complete = complete  # type: ignore[method-assign]
+            m.cache.stall_escalate = 0.2
+
+            async with trio.open_nursery() as n:
+                n.start_soon(write_the_rest, m, file, data, done)
+                with trio.fail_after(60):
+                    await done.wait()
+            # The upload was completed while the writer waited, stalled, and the file was open;
+            # the gap the kernel had not written yet went up as zeros.
+            assert seen.pop("stored") == data[:pb * BS] + bytes(BS) + data[(pb + 1) * BS:(2 * pb + 2) * BS]
+            assert seen == {"stalled": 1, "waiting": 1, "opens": 1, "written": False}
+            assert m.cache.stalled == 0 and m.cache.waiting == 0
+            await m.cache.write(file, pb * BS, data[pb * BS:(pb + 1) * BS])  # the kernel's late block
+            m.cache.close_handle(file)
+            with trio.fail_after(60):
+                await m.uploader.flush(file)
+            assert not file.pending and m.cache.stats["lost_bytes"] == 0
+            assert await backend.get_range("big") == data
+
+    trio.run(main)
+
+
+def test_without_escalation_a_writer_behind_an_unfinished_part_stays_blocked(tmp_path: Path) -> None:
+    """The control of the test above: with ``stall_escalate`` out of reach the uploader only
+    stages, which sends nothing, and the writer does not get through."""
+    async def main() -> None:
+        async with running(tmp_path) as m:
+            file, data, _ = await stuck_on_an_unfinished_part(m)
+            size, dirty = file.size, dict(file.dirty)
+            staged: list[bool] = []  # what each of the uploader's passes sent
+            real = m.uploader.stage
+
+            async def counted(f: Any) -> bool:
+                staged.append(await real(f))
+                return staged[-1]
+
+            m.uploader.stage = counted  # type: ignore[method-assign]
+            m.cache.stall_escalate = 3600.0
+            done = trio.Event()
+
+            async with trio.open_nursery() as n:
+                n.start_soon(write_the_rest, m, file, data, done)
+                with trio.fail_after(60):
+                    while len(staged) < 2 and not done.is_set():  # the pass the wait asked for, and the next
+                        await trio.sleep(0.05)
+                with trio.move_on_after(1.0):
+                    await done.wait()
+                assert not done.is_set() and m.cache.waiting == 1 and m.cache.stalled == 0
+                n.cancel_scope.cancel()
+            assert not any(staged)
+            assert file.size == size and file.dirty == dirty and file.open_upload is not None
+            with pytest.raises(NotFound):
+                await m.uploader.backend.head("big")
 
     trio.run(main)
 

@@ -9,7 +9,8 @@ the id is retried after a delay that doubles per consecutive failure, capped at
 ``max_backoff``.  A success resets it.
 
 Rules: ids are scheduled from the trio thread only; one ``store`` call per id runs at a
-time (a schedule during the call makes it due again when the call returns).
+time (a schedule during the call makes it due again when the call returns: at once if it
+was an ``expedite``, whatever delay the call asked for).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class WritebackQueue:
         self._heap: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
         self._running: set[str] = set()
-        self._again: set[str] = set()  # scheduled while its store() ran
+        self._again: dict[str, bool] = {}  # scheduled while its store() ran: id -> expedited
         self.tries: dict[str, int] = {}  # consecutive failures
         self.retry_at: dict[str, float] = {}
         self.errors: dict[str, str] = {}  # id -> last failure, for status
@@ -55,7 +56,7 @@ class WritebackQueue:
     def schedule(self, id: str, delay: float | None = None) -> None:
         """Due ``delay`` (default: the write-back delay) from now, or when its backoff ends."""
         if id in self._running:
-            self._again.add(id)
+            self._again.setdefault(id, False)
             return
         due = max(time.monotonic() + (self.delay if delay is None else delay), self.retry_at.get(id, 0.0))
         self._push(id, due)
@@ -65,7 +66,7 @@ class WritebackQueue:
         now = time.monotonic()
         for i in [id] if id is not None else list(self._due):
             if i in self._running:
-                self._again.add(i)
+                self._again[i] = True
             elif i in self._due or id is not None:
                 self._push(i, max(now, self.retry_at.get(i, 0.0)))
 
@@ -78,7 +79,7 @@ class WritebackQueue:
 
     def discard(self, id: str) -> None:
         self._due.pop(id, None)
-        self._again.discard(id)
+        self._again.pop(id, None)
         self.tries.pop(id, None)
         self.retry_at.pop(id, None)
         self.errors.pop(id, None)
@@ -122,6 +123,8 @@ class WritebackQueue:
             again = wait
         finally:
             self._running.discard(id)
-        if id in self._again or again is not None:
-            self._again.discard(id)
+        expedited = self._again.pop(id, None)
+        if expedited:
+            self.expedite(id)
+        elif expedited is not None or again is not None:
             self.schedule(id, again)

@@ -1,0 +1,74 @@
+"""The write-back queue (cache/writeback.py) on its own: ids and a store function, no files."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from cloudfs.cache.writeback import WritebackQueue
+
+LONG = 3600.0  # a delay no test waits for: reaching it means the rule under test failed
+
+
+class FirstCallHeld:
+    """A store function whose first call waits until the test lets it return ``answer``;
+    later calls return None (done) at once."""
+
+    def __init__(self, answer: float | None) -> None:
+        self.answer = answer
+        self.calls = 0
+        self.running, self.release = trio.Event(), trio.Event()
+
+    async def __call__(self, id: str) -> float | None:
+        self.calls += 1
+        if self.calls > 1:
+            return None
+        self.running.set()
+        await self.release.wait()
+        return self.answer
+
+
+def during_the_first_call(queue: WritebackQueue, store: FirstCallHeld,
+                          act: Callable[[], None], until: Callable[[], Awaitable[None]]) -> None:
+    """Schedule "f", ``act`` while its first store call runs, let the call return, then wait
+    (bounded) for ``until``."""
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(queue.run, store)
+            queue.schedule("f", 0)
+            with trio.fail_after(30):
+                await store.running.wait()
+                act()
+                store.release.set()
+                await until()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_an_expedite_during_a_store_call_makes_the_id_due_at_once_whatever_the_call_asked() -> None:
+    """The call asked to be retried much later (the file was busy), but an expedite came
+    while it ran (a writer waits for space, an unmount): the id runs again at once."""
+    queue, store = WritebackQueue(delay=LONG), FirstCallHeld(answer=LONG)
+
+    async def second_call() -> None:
+        while store.calls < 2:
+            await trio.sleep(0.01)
+
+    during_the_first_call(queue, store, lambda: queue.expedite("f"), second_call)
+    assert store.calls == 2 and "f" not in queue
+
+
+def test_a_schedule_during_a_store_call_waits_for_the_delay_it_asked() -> None:
+    queue, store = WritebackQueue(delay=LONG), FirstCallHeld(answer=None)
+
+    async def queued_again() -> None:
+        while "f" in queue._running:
+            await trio.sleep(0.01)
+        await trio.sleep(0.2)
+
+    # another change while it uploads: due a write-back delay from now, not at once
+    during_the_first_call(queue, store, lambda: queue.schedule("f"), queued_again)
+    assert store.calls == 1 and "f" in queue

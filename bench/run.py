@@ -26,6 +26,7 @@ import tarfile
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,29 @@ QUICK = Sizes(raw=32 * MiB, seq=64 * MiB, rand=32 * MiB, small_files=100, dir_en
               durable_timeout=120.0)
 
 
+@dataclass
+class TreeWrite:
+    """What :meth:`Bench.write_tree` measured (seconds)."""
+
+    return_s: float
+    durable_s: float
+    unmount_s: float
+    proc: subprocess.CompletedProcess[str]
+    rss_mib: float | None
+
+
+def timed_listing(argv: list[str], want_lines: int) -> float:
+    """Seconds ``argv`` took; it must exit 0 and print exactly ``want_lines`` lines."""
+    t0 = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
+    elapsed = time.monotonic() - t0
+    lines = proc.stdout.count("\n")
+    if proc.returncode or lines != want_lines:
+        raise RuntimeError(f"{shlex.join(argv)} returned {proc.returncode} with {lines} lines "
+                           f"(want {want_lines}): {proc.stderr[-500:]}")
+    return elapsed
+
+
 class Bench:
     def __init__(self, work: Path, sizes: Sizes, srv: Server) -> None:
         self.work = work
@@ -80,13 +104,18 @@ class Bench:
         self.tarball = work / "src.tar"
         self.tar_files = 0
         self.raw: dict[str, Any] = {}
+        self.local_root = work  # the local tool's directory, from setup() on
+        self.stored: set[str] = set()  # prefixes store() has filled
 
     # ------------------------------------------------------------------ setup
-    def setup(self, local: Path) -> None:
+    def setup(self, local: Path, workloads: list[str]) -> None:
+        """The bucket and the fixtures ``workloads`` read, on the server and in the local
+        directory ``local``, which is the local tool's bucket."""
+        self.local_root = local
         self.bucket = self.srv.new_bucket().extra["bucket"]
         self.raw = self.measure_raw()
         fx = local / "fixtures"
-        (fx / "dir10k").mkdir(parents=True, exist_ok=True)
+        fx.mkdir(parents=True, exist_ok=True)
         s = self.sizes
         from boto3.s3.transfer import TransferConfig
 
@@ -94,17 +123,36 @@ class Bench:
         for name, size in (("seq.bin", s.seq), ("rand.bin", s.rand)):
             self.pattern.write_file(fx / name, size)
             self.sdk.upload_file(str(fx / name), self.bucket, f"fixtures/{name}", Config=cfg)
-        body = b"x" * 100
-
-        def put(i: int) -> None:
-            name = f"entry-{i:05d}.txt"
-            (fx / "dir10k" / name).write_bytes(body)
-            self.sdk.put_object(Bucket=self.bucket, Key=f"fixtures/dir10k/{name}", Body=body)
-
-        with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            list(pool.map(put, range(s.dir_entries)))
+        if "ls" in workloads:
+            self.flat_folder(s.dir_entries)
         self.make_tarball()
         log(f"fixtures ready in bucket {self.bucket}")
+
+    def store(self, prefix: str, names: list[str], body: bytes, mirror: bool) -> str:
+        """PUT ``body`` as ``prefix/name`` for every name straight to the server (not through
+        a mount), 16 at a time, and with ``mirror`` write the same files in the local
+        directory.  Each prefix is filled once per run; returns it."""
+        if prefix in self.stored:
+            return prefix
+
+        def put(name: str) -> None:
+            if mirror:
+                path = self.local_root / prefix / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(body)
+            self.sdk.put_object(Bucket=self.bucket, Key=f"{prefix}/{name}", Body=body)
+
+        t0 = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            list(pool.map(put, names))
+        self.stored.add(prefix)
+        log(f"stored {len(names):,} objects under {prefix}/ in {time.monotonic() - t0:.1f}s")
+        return prefix
+
+    def flat_folder(self, entries: int) -> str:
+        """One folder of ``entries`` objects of 100 bytes (ls)."""
+        return self.store(f"fixtures/flat-{entries}", [f"entry-{i:06d}.txt" for i in range(entries)],
+                          b"x" * 100, mirror=True)
 
     def measure_raw(self) -> dict[str, Any]:
         """The server's own speed through boto3: one stream, and multipart with 8 threads."""
@@ -179,6 +227,42 @@ class Bench:
             time.sleep(0.25)
         raise TimeoutError(f"{prefix}: {self.count_objects(prefix)} of {want} objects on the server after "
                            f"{self.sizes.durable_timeout}s")
+
+    def until_on_server(self, tool: Tool, prefix: str, want: int, t0: float) -> float:
+        """Seconds from ``t0`` until ``want`` objects are under ``prefix`` on the server; for
+        the local directory, which has no server, until sync returns."""
+        if tool.name == "local":
+            os.sync()
+            return time.monotonic() - t0
+        return self.wait_count(prefix, want, t0)
+
+    def write_tree(self, tool: Tool, name: str, argv_into: Callable[[Path], list[str]],
+                   files: int) -> TreeWrite:
+        """On a fresh mount, run ``argv_into(d)``, a command that writes ``files`` files under
+        ``d`` = w-<tool>/<name>, and wait until they are all on the server."""
+        tool.mount(clean=True)
+        d = tool.root / f"w-{tool.name}" / name
+        d.mkdir(parents=True, exist_ok=True)
+        with RssSampler(tool.pid) as rss:
+            t0 = time.monotonic()
+            proc = subprocess.run(argv_into(d), capture_output=True, text=True, timeout=1800)
+            t_return = time.monotonic() - t0
+            t_durable = self.until_on_server(tool, f"w-{tool.name}/{name}/", files, t0)
+            t_unmount = tool.unmount()
+        return TreeWrite(t_return, t_durable, t_unmount, proc, rss.peak_mib)
+
+    def cold_then_warm(self, tool: Tool, argv: list[str], want_lines: int, warm: bool) -> dict[str, Any]:
+        """``argv``, a listing of the mount, on a fresh mount with an empty cache and dropped
+        caches (cold), then with ``warm`` once more in the same mount."""
+        tool.mount(clean=True)
+        drop_caches()
+        with RssSampler(tool.pid) as rss:
+            out = {"cold_s": round(timed_listing(argv, want_lines), 3)}
+            if warm:
+                out["warm_s"] = round(timed_listing(argv, want_lines), 3)
+        tool.unmount()
+        out["rss_mib"] = rss.peak_mib
+        return out
 
     def read_file(self, path: Path, size: int) -> float:
         """Sequential read with 1 MiB read() calls; checks every chunk's index and samples."""
@@ -302,59 +386,31 @@ class Bench:
                     if f.read() != bodies[i]:
                         raise RuntimeError(f"small file {i} reads back wrong")
             t_read = time.monotonic() - t1
-            if tool.name == "local":
-                os.sync()
-                t_dur = time.monotonic() - t0
-            else:
-                t_dur = self.wait_count(f"w-{tool.name}/small/", n, t0)
+            t_dur = self.until_on_server(tool, f"w-{tool.name}/small/", n, t0)
             out = {"files": n, "create_s": round(t_create, 2), "create_files_per_s": round(n / t_create),
                    "read_s": round(t_read, 2), "read_files_per_s": round(n / t_read),
                    "durable_s": round(t_dur, 2), "unmount_s": round(tool.unmount(), 2)}
         out["rss_mib"] = rss.peak_mib
         return out
 
+    def ls_listing(self, tool: Tool, entries: int, warm: bool) -> dict[str, Any]:
+        """``ls -l`` of a folder of ``entries`` objects, cold, then with ``warm`` again."""
+        path = tool.root / self.flat_folder(entries)
+        out = self.cold_then_warm(tool, ["ls", "-l", str(path)], entries + 1, warm)  # + "total N"
+        return {"entries": entries, **out, "cold_entries_per_s": round(entries / out["cold_s"]),
+                "cold_us_per_entry": round(out["cold_s"] / entries * 1e6)}
+
     def ls(self, tool: Tool) -> dict[str, Any]:
-        path = tool.root / "fixtures" / "dir10k"
-        tool.mount(clean=True)
-        drop_caches()
-
-        def run() -> float:
-            t0 = time.monotonic()
-            proc = subprocess.run(["ls", "-l", str(path)], capture_output=True, text=True, timeout=600)
-            elapsed = time.monotonic() - t0
-            lines = proc.stdout.count("\n") - 1  # "total N"
-            if proc.returncode or lines != self.sizes.dir_entries:
-                raise RuntimeError(f"ls -l returned {proc.returncode} with {lines} entries "
-                                   f"(want {self.sizes.dir_entries}): {proc.stderr[-500:]}")
-            return elapsed
-
-        with RssSampler(tool.pid) as rss:
-            cold = run()
-            warm = run()
-        tool.unmount()
-        return {"entries": self.sizes.dir_entries, "cold_s": round(cold, 3), "warm_s": round(warm, 3),
-                "cold_entries_per_s": round(self.sizes.dir_entries / cold), "rss_mib": rss.peak_mib}
+        return self.ls_listing(tool, self.sizes.dir_entries, warm=True)
 
     def tar(self, tool: Tool) -> dict[str, Any]:
-        tool.mount(clean=True)
-        d = tool.root / f"w-{tool.name}" / "tar"
-        d.mkdir(parents=True, exist_ok=True)
-        with RssSampler(tool.pid) as rss:
-            t0 = time.monotonic()
-            proc = subprocess.run(["tar", "--no-same-owner", "-xf", str(self.tarball), "-C", str(d)],
-                                  capture_output=True, text=True, timeout=1800)
-            t_x = time.monotonic() - t0
-            if tool.name == "local":
-                os.sync()
-                t_dur = time.monotonic() - t0
-            else:
-                t_dur = self.wait_count(f"w-{tool.name}/tar/", self.tar_files, t0)
-            unmount = tool.unmount()
-        out = {"files": self.tar_files, "tar_mib": self.tar_mib, "extract_s": round(t_x, 2),
-               "extract_files_per_s": round(self.tar_files / t_x), "durable_s": round(t_dur, 2),
-               "unmount_s": round(unmount, 2), "tar_rc": proc.returncode, "rss_mib": rss.peak_mib}
-        if proc.returncode:
-            out["tar_stderr"] = proc.stderr.strip()[-1500:]
+        w = self.write_tree(tool, "tar", lambda d: ["tar", "--no-same-owner", "-xf", str(self.tarball), "-C",
+                                                    str(d)], self.tar_files)
+        out = {"files": self.tar_files, "tar_mib": self.tar_mib, "extract_s": round(w.return_s, 2),
+               "extract_files_per_s": round(self.tar_files / w.return_s), "durable_s": round(w.durable_s, 2),
+               "unmount_s": round(w.unmount_s, 2), "tar_rc": w.proc.returncode, "rss_mib": w.rss_mib}
+        if w.proc.returncode:
+            out["tar_stderr"] = w.proc.stderr.strip()[-1500:]
         return out
 
 
@@ -389,6 +445,9 @@ ROWS = [
     ("tar", "extract_s", "tar -x of {files} files ({tar_mib} MB): tar returns", "s", False),
     ("tar", "durable_s", "tar -x of {files} files: until all on the server", "s", False),
 ]
+COLUMNS = ("local", "cloudfs", "rclone", "s3fs")
+# Workloads that record the exit status of the command they time as <command>_rc / _stderr.
+COMMANDS = {"tar": "tar"}
 
 
 def fmt(v: Any) -> str:
@@ -410,8 +469,9 @@ def ratio(c: Any, p: Any, higher: bool) -> str:
 
 
 def render(res: dict[str, Any]) -> str:
-    tools = [t for t in ("local", "cloudfs", "rclone", "s3fs") if t in res["tools"]]
     R = res["results"]
+    tools = [t for t in COLUMNS if t in R]
+    measured = list(dict.fromkeys(wl for t in tools for wl in R[t]))
     lines = [f"### Run of {res['date']}" + (" (quick smoke run, small sizes)" if res["quick"] else ""), "",
              f"- command: `{res['command']}`",
              f"- machine: {res['machine']['nproc']} CPUs ({res['machine']['cpu']}), "
@@ -454,8 +514,10 @@ def render(res: dict[str, Any]) -> str:
             lines += ["", f"cloudfs warm sequential read is {100 * c['warm_MiBps'] / loc['warm_MiBps']:.0f}% "
                       "of the local directory's."]
     errors = [(t, wl, w["error"]) for t in tools for wl, w in R.get(t, {}).items() if "error" in w]
-    errors += [(t, "tar", f"tar exited {w['tar_rc']}: " + " / ".join(w.get("tar_stderr", "").split("\n")[:3]))
-               for t in tools if (w := R.get(t, {}).get("tar", {})).get("tar_rc")]
+    errors += [(t, wl, f"{cmd} exited {w[f'{cmd}_rc']}: "
+                + " / ".join(w.get(f"{cmd}_stderr", "").split("\n")[:3]))
+               for wl, cmd in COMMANDS.items() for t in tools
+               if (w := R.get(t, {}).get(wl, {})).get(f"{cmd}_rc")]
     if errors:
         lines += ["", "Errors in this run:", ""]
         lines += [f"- {t} / {wl}: `{e.splitlines()[0][:300]}`" for t, wl, e in errors]
@@ -466,7 +528,7 @@ def render(res: dict[str, Any]) -> str:
             lines.append(f"- {t}: {len(v)} lines, e.g. `{v[0][:300]}`")
     lines += ["", "Per-workload peak RSS (MiB):", "", "| workload | " + " | ".join(tools) + " |",
               "|---|" + "---|" * len(tools)]
-    for wl in res["workloads"]:
+    for wl in measured:
         lines.append(f"| {wl} | " + " | ".join(fmt(R.get(t, {}).get(wl, {}).get("rss_mib")) for t in tools)
                      + " |")
     reqs = {wl: w["requests"] for wl, w in R.get("cloudfs", {}).items() if w.get("requests")}
@@ -522,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         srv.start()
         bench = Bench(work, sizes, srv)
         local = TOOLS["local"](work, "", srv.endpoint)
-        bench.setup(local.root)
+        bench.setup(local.root, workloads)
         res["raw"] = bench.raw
         res["tarball"] = {"source": bench.tar_source, "files": bench.tar_files, "mib": bench.tar_mib}
         extra = dict(kv.split("=", 1) if "=" in kv else (kv, "") for kv in args.cloudfs_options.split(",")

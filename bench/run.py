@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py                 # the full run (~20-30 min), as `make bench`
     .venv/bin/python bench/run.py --quick         # smoke run with small sizes (~3 min)
     .venv/bin/python bench/run.py --workloads seq_read,ls --tools cloudfs,rclone
+    .venv/bin/python bench/run.py --workloads ls_scale --huge      # adds the 100k-entry folder
 
 Needs root (drop_caches, FUSE), rclone, s3fs and fio.  Writes bench/results/<stamp>.json
 and rewrites the generated section of docs/benchmarks.md (the prose around it is kept).
@@ -27,7 +28,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,8 @@ from common import (
     tool_versions,
 )
 
-WORKLOADS = ["seq_write", "seq_read", "rand_read", "small_files", "ls", "tar"]
+WORKLOADS = ["seq_write", "seq_read", "rand_read", "small_files", "ls", "tar", "cp_r", "find_ls", "ls_scale"]
+HUGE_ENTRIES = 100_000  # --huge adds a folder of this many entries to ls_scale
 DOC = ROOT / "docs" / "benchmarks.md"
 RESULTS = ROOT / "bench" / "results"
 
@@ -62,11 +64,15 @@ class Sizes:
     small_files: int = 1000
     small_size: int = 4096
     dir_entries: int = 10_000
+    scale_entries: tuple[int, ...] = (1000, 10_000)  # ls_scale: one folder of each size
+    tree_files: int = 3000  # cp_r's source and find_ls's tree, small_size each
+    tree_folders: int = 30
     fio_runtime: int = 15
     durable_timeout: float = 600.0
 
 
-QUICK = Sizes(raw=32 * MiB, seq=64 * MiB, rand=32 * MiB, small_files=100, dir_entries=500, fio_runtime=3,
+QUICK = Sizes(raw=32 * MiB, seq=64 * MiB, rand=32 * MiB, small_files=100, dir_entries=500,
+              scale_entries=(100, 1000), tree_files=200, tree_folders=10, fio_runtime=3,
               durable_timeout=120.0)
 
 
@@ -125,6 +131,11 @@ class Bench:
             self.sdk.upload_file(str(fx / name), self.bucket, f"fixtures/{name}", Config=cfg)
         if "ls" in workloads:
             self.flat_folder(s.dir_entries)
+        if "ls_scale" in workloads:
+            for n in s.scale_entries:
+                self.flat_folder(n)
+        if {"cp_r", "find_ls"} & set(workloads):
+            self.small_tree()
         self.make_tarball()
         log(f"fixtures ready in bucket {self.bucket}")
 
@@ -150,9 +161,19 @@ class Bench:
         return prefix
 
     def flat_folder(self, entries: int) -> str:
-        """One folder of ``entries`` objects of 100 bytes (ls)."""
+        """One folder of ``entries`` objects of 100 bytes (ls, ls_scale)."""
         return self.store(f"fixtures/flat-{entries}", [f"entry-{i:06d}.txt" for i in range(entries)],
                           b"x" * 100, mirror=True)
+
+    def tree(self, prefix: str, files: int, folders: int, body: bytes, mirror: bool) -> str:
+        """``files`` objects spread evenly over ``folders`` folders one level below ``prefix``."""
+        return self.store(prefix, [f"d{i % folders:04d}/f{i:06d}" for i in range(files)], body, mirror)
+
+    def small_tree(self) -> str:
+        """cp_r's source (the local copy) and find_ls's tree (on the server)."""
+        s = self.sizes
+        return self.tree(f"fixtures/tree-{s.tree_files}", s.tree_files, s.tree_folders,
+                         self.pattern.base[:s.small_size], mirror=True)
 
     def measure_raw(self) -> dict[str, Any]:
         """The server's own speed through boto3: one stream, and multipart with 8 threads."""
@@ -403,6 +424,24 @@ class Bench:
     def ls(self, tool: Tool) -> dict[str, Any]:
         return self.ls_listing(tool, self.sizes.dir_entries, warm=True)
 
+    def ls_scale(self, tool: Tool) -> dict[str, Any]:
+        """Cold ``ls -l`` of one folder per size, each on its own fresh mount, so the time and
+        cloudfs's requests of each size stand alone: growth with the size shows in them."""
+        parts: dict[str, Any] = {}
+        for entries in self.sizes.scale_entries:
+            part = parts[str(entries)] = self.ls_listing(tool, entries, warm=False)
+            if isinstance(tool, Cloudfs):
+                part["requests"] = tool.take_requests()  # counted before this size's unmount
+        return {"parts": parts}
+
+    def find_ls(self, tool: Tool) -> dict[str, Any]:
+        """``find -ls`` of the small-file tree (uploaded to the server directly), cold and warm."""
+        s = self.sizes
+        path = tool.root / self.small_tree()
+        want = s.tree_files + s.tree_folders + 1  # a line for every file, every folder and the top
+        out = self.cold_then_warm(tool, ["find", str(path), "-ls"], want, warm=True)
+        return {"files": s.tree_files, "folders": s.tree_folders, **out}
+
     def tar(self, tool: Tool) -> dict[str, Any]:
         w = self.write_tree(tool, "tar", lambda d: ["tar", "--no-same-owner", "-xf", str(self.tarball), "-C",
                                                     str(d)], self.tar_files)
@@ -411,6 +450,24 @@ class Bench:
                "unmount_s": round(w.unmount_s, 2), "tar_rc": w.proc.returncode, "rss_mib": w.rss_mib}
         if w.proc.returncode:
             out["tar_stderr"] = w.proc.stderr.strip()[-1500:]
+        return out
+
+    def cp_r(self, tool: Tool) -> dict[str, Any]:
+        """``cp -r`` of the local small-file tree into the mount."""
+        s = self.sizes
+        src = self.small_tree()
+        w = self.write_tree(tool, "cp_r", lambda d: ["cp", "-r", f"{self.local_root / src}/.", str(d)],
+                            s.tree_files)
+        out = {"files": s.tree_files, "folders": s.tree_folders, "return_s": round(w.return_s, 2),
+               "return_files_per_s": round(s.tree_files / w.return_s), "durable_s": round(w.durable_s, 2),
+               "unmount_s": round(w.unmount_s, 2), "cp_rc": w.proc.returncode, "rss_mib": w.rss_mib}
+        if w.proc.returncode:
+            out["cp_stderr"] = w.proc.stderr.strip()[-1500:]
+        if tool.name != "local":
+            key = f"w-{tool.name}/cp_r/d0000/f000000"
+            body = self.sdk.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            if body != self.pattern.base[:s.small_size]:
+                raise RuntimeError(f"{key} on the server differs from its source")
         return out
 
 
@@ -442,12 +499,19 @@ ROWS = [
     ("small_files", "durable_s", "{files} x 4 KiB files: start until all on the server", "s", False),
     ("ls", "cold_s", "ls -l of {entries} entries, cold (after remount)", "s", False),
     ("ls", "warm_s", "ls -l of {entries} entries, warm (again)", "s", False),
+    ("ls_scale", "cold_s", "ls -l of {entries:,} entries in one folder, cold", "s", False),
+    ("ls_scale", "cold_us_per_entry", "ls -l of {entries:,} entries in one folder, cold, per entry", "µs",
+     False),
     ("tar", "extract_s", "tar -x of {files} files ({tar_mib} MB): tar returns", "s", False),
     ("tar", "durable_s", "tar -x of {files} files: until all on the server", "s", False),
+    ("cp_r", "return_s", "cp -r of {files} x 4 KiB files in {folders} folders: cp returns", "s", False),
+    ("cp_r", "durable_s", "cp -r of {files} x 4 KiB files: until all on the server", "s", False),
+    ("find_ls", "cold_s", "find -ls of {files} files in {folders} folders, cold (fresh mount)", "s", False),
+    ("find_ls", "warm_s", "find -ls of {files} files in {folders} folders, warm (again)", "s", False),
 ]
 COLUMNS = ("local", "cloudfs", "rclone", "s3fs")
 # Workloads that record the exit status of the command they time as <command>_rc / _stderr.
-COMMANDS = {"tar": "tar"}
+COMMANDS = {"tar": "tar", "cp_r": "cp"}
 
 
 def fmt(v: Any) -> str:
@@ -468,8 +532,22 @@ def ratio(c: Any, p: Any, higher: bool) -> str:
     return f"**{text}**" if r < 1 else text
 
 
+def expand_parts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per tool, every measured workload; one that measured several parts (ls_scale: a
+    folder size each) counts as one workload "<workload> <part>" per part."""
+    out: dict[str, dict[str, Any]] = {}
+    for tool, workloads in results.items():
+        out[tool] = {}
+        for wl, w in workloads.items():
+            if "parts" in w:
+                out[tool].update({f"{wl} {part}": v for part, v in w["parts"].items()})
+            else:
+                out[tool][wl] = w
+    return out
+
+
 def render(res: dict[str, Any]) -> str:
-    R = res["results"]
+    R = expand_parts(res["results"])
     tools = [t for t in COLUMNS if t in R]
     measured = list(dict.fromkeys(wl for t in tools for wl in R[t]))
     lines = [f"### Run of {res['date']}" + (" (quick smoke run, small sizes)" if res["quick"] else ""), "",
@@ -494,18 +572,20 @@ def render(res: dict[str, Any]) -> str:
     peers = [p for p in ("rclone", "s3fs") if p in tools and "cloudfs" in tools]
     head += [f"cloudfs vs {p}" for p in peers]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for wl, key, label, unit, higher in ROWS:
-        vals = {t: R.get(t, {}).get(wl, {}) for t in tools}
-        if not any(key in v for v in vals.values()):
-            continue
-        params = next(v for v in vals.values() if key in v)
-        with contextlib.suppress(KeyError, IndexError):
-            label = label.format(**params)
-        row = [label, unit] + [fmt(vals[t].get(key)) if "error" not in vals[t] else "error" for t in tools]
-        row += [ratio(vals["cloudfs"].get(key), vals[p].get(key), higher) for p in peers]
-        lines.append("| " + " | ".join(row) + " |")
+    for workload, key, template, unit, higher in ROWS:
+        for wl in [m for m in measured if m == workload or m.startswith(f"{workload} ")]:
+            vals = {t: R.get(t, {}).get(wl, {}) for t in tools}
+            if not any(key in v for v in vals.values()):
+                continue
+            params = next(v for v in vals.values() if key in v)
+            label = template
+            with contextlib.suppress(KeyError, IndexError, ValueError):
+                label = template.format(**params)
+            row = [label, unit] + [fmt(v.get(key)) if "error" not in v else "error" for v in vals.values()]
+            row += [ratio(vals["cloudfs"].get(key), vals[p].get(key), higher) for p in peers]
+            lines.append("| " + " | ".join(row) + " |")
     rss = {t: peak(*(w.get("rss_mib") for w in R.get(t, {}).values())) for t in tools}
-    row = ["peak RSS of the mount process (max over workloads)", "MiB"] + [fmt(rss[t]) for t in tools]
+    row = ["peak RSS of the mount process (max over workloads)", "MiB", *map(fmt, rss.values())]
     row += [ratio(rss["cloudfs"], rss[p], False) for p in peers]
     lines.append("| " + " | ".join(row) + " |")
     if "cloudfs" in tools and "local" in tools:
@@ -553,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(default: a new directory under /var/tmp, removed afterwards)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
+    ap.add_argument("--huge", action="store_true",
+                    help=f"ls_scale also lists a folder of {HUGE_ENTRIES:,} entries")
     args = ap.parse_args(argv)
     workloads = [w for w in args.workloads.split(",") if w]
     tools = [t for t in args.tools.split(",") if t]
@@ -565,6 +647,8 @@ def main(argv: list[str] | None = None) -> int:
         if not shutil.which(exe):
             ap.error(f"{exe} not found: apt-get install -y rclone s3fs fio fuse3")
     sizes = QUICK if args.quick else Sizes()
+    if args.huge:
+        sizes = replace(sizes, scale_entries=(*sizes.scale_entries, HUGE_ENTRIES))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="cloudfs-bench-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py                 # the full run (~20-30 min), as `make bench`
     .venv/bin/python bench/run.py --quick         # smoke run with small sizes (~3 min)
     .venv/bin/python bench/run.py --workloads seq_read,ls --tools cloudfs,rclone
+    .venv/bin/python bench/run.py --workloads rand_read,passthrough --tools cloudfs
     .venv/bin/python bench/run.py --workloads ls_scale --huge      # adds the 100k-entry folder
 
 Needs root (drop_caches, FUSE), rclone, s3fs and fio.  Writes bench/results/<stamp>.json
@@ -39,6 +40,7 @@ from common import (
     TOOLS,
     Cloudfs,
     MiB,
+    Passthrough,
     Pattern,
     RssSampler,
     Server,
@@ -50,7 +52,10 @@ from common import (
     tool_versions,
 )
 
-WORKLOADS = ["seq_write", "seq_read", "rand_read", "small_files", "ls", "tar", "cp_r", "find_ls", "ls_scale"]
+# passthrough: the random-read job of rand_read, run once on bench/passthrough.py (the
+# request ceiling) instead of on every tool.
+WORKLOADS = ["seq_write", "seq_read", "rand_read", "small_files", "ls", "tar", "cp_r", "find_ls", "ls_scale",
+             "passthrough"]
 HUGE_ENTRIES = 100_000  # --huge adds a folder of this many entries to ls_scale
 DOC = ROOT / "docs" / "benchmarks.md"
 RESULTS = ROOT / "bench" / "results"
@@ -509,7 +514,7 @@ ROWS = [
     ("find_ls", "cold_s", "find -ls of {files} files in {folders} folders, cold (fresh mount)", "s", False),
     ("find_ls", "warm_s", "find -ls of {files} files in {folders} folders, warm (again)", "s", False),
 ]
-COLUMNS = ("local", "cloudfs", "rclone", "s3fs")
+COLUMNS = ("local", "passthrough", "cloudfs", "rclone", "s3fs")
 # Workloads that record the exit status of the command they time as <command>_rc / _stderr.
 COMMANDS = {"tar": "tar", "cp_r": "cp"}
 
@@ -593,6 +598,13 @@ def render(res: dict[str, Any]) -> str:
         if c.get("warm_MiBps") and loc.get("warm_MiBps"):
             lines += ["", f"cloudfs warm sequential read is {100 * c['warm_MiBps'] / loc['warm_MiBps']:.0f}% "
                       "of the local directory's."]
+    if "cloudfs" in tools and "passthrough" in tools:
+        c, ceiling = R["cloudfs"].get("rand_read", {}), R["passthrough"].get("rand_read", {})
+        if all(w.get(k) for w in (c, ceiling) for k in ("cold_iops", "warm_iops")):
+            cold, warm = (c[k] / ceiling[k] for k in ("cold_iops", "warm_iops"))
+            lines += ["", f"cloudfs random 4 KiB reads are {cold:.2f}x (cold) and {warm:.2f}x (warm) of the "
+                      "request ceiling of a plain pyfuse3 passthrough of the local directory on this machine "
+                      "(`bench/passthrough.py`, the passthrough column; target: at least 0.9x)."]
     errors = [(t, wl, w["error"]) for t in tools for wl, w in R.get(t, {}).items() if "error" in w]
     errors += [(t, wl, f"{cmd} exited {w[f'{cmd}_rc']}: "
                 + " / ".join(w.get(f"{cmd}_stderr", "").split("\n")[:3]))
@@ -616,6 +628,14 @@ def render(res: dict[str, Any]) -> str:
         lines += ["", "cloudfs backend requests per workload (the daemon's own count, `cloudfs status`):", ""]
         lines += [f"- {wl}: " + ", ".join(f"{op} {n:,}" for op, n in r.items()) for wl, r in reqs.items()]
     return "\n".join(lines) + "\n"
+
+
+def workloads_for(tool: Tool, workloads: list[str]) -> list[str]:
+    """The workloads ``tool`` runs: the passthrough only rand_read's job (the workload
+    ``passthrough`` stands for it), every other tool all but that."""
+    if isinstance(tool, Passthrough):
+        return ["rand_read"] if "passthrough" in workloads else []
+    return [wl for wl in workloads if wl != "passthrough"]
 
 
 def write_doc(section: str) -> None:
@@ -673,9 +693,12 @@ def main(argv: list[str] | None = None) -> int:
         res["tarball"] = {"source": bench.tar_source, "files": bench.tar_files, "mib": bench.tar_mib}
         extra = dict(kv.split("=", 1) if "=" in kv else (kv, "") for kv in args.cloudfs_options.split(",")
                      if kv)
-        for name in tools:
+        names = [*tools, "passthrough"] if "passthrough" in workloads else tools
+        for name in names:
             if name == "local":
                 tool: Tool = local
+            elif name == "passthrough":
+                tool = Passthrough(work, local.root)
             elif name == "cloudfs":
                 tool = TOOLS[name](work, bench.bucket, srv.endpoint, options=extra)  # type: ignore[call-arg]
             else:
@@ -685,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
                 res["mount_commands"][name] = shlex.join(tool.command()).replace(str(work), "$WORK").replace(
                     f"{ROOT}/", "")
             res["results"][name] = {}
-            for wl in workloads:
+            for wl in workloads_for(tool, workloads):
                 log(f"{name}: {wl} ...")
                 t0 = time.monotonic()
                 try:

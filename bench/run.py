@@ -5,6 +5,7 @@
     .venv/bin/python bench/run.py --workloads seq_read,ls --tools cloudfs,rclone
     .venv/bin/python bench/run.py --workloads rand_read,passthrough --tools cloudfs
     .venv/bin/python bench/run.py --workloads ls_scale --huge      # adds the 100k-entry folder
+    .venv/bin/python bench/run.py --workloads ls --tools cloudfs --rss-200k   # + find over 200k objects
 
 Needs root (drop_caches, FUSE), rclone, s3fs and fio.  Writes bench/results/<stamp>.json
 and rewrites the generated section of docs/benchmarks.md (the prose around it is kept).
@@ -51,12 +52,14 @@ from common import (
     replace_section,
     tool_versions,
 )
+from rss import TARGET_MIB as RSS_TARGET_MIB
 
 # passthrough: the random-read job of rand_read, run once on bench/passthrough.py (the
-# request ceiling) instead of on every tool.
+# request ceiling) instead of on every tool.  find_rss is opt-in (--rss-200k), cloudfs only.
 WORKLOADS = ["seq_write", "seq_read", "rand_read", "small_files", "ls", "tar", "cp_r", "find_ls", "ls_scale",
              "passthrough"]
 HUGE_ENTRIES = 100_000  # --huge adds a folder of this many entries to ls_scale
+RSS_FILES_PER_FOLDER = 1000  # find_rss's tree: one LIST page per folder
 DOC = ROOT / "docs" / "benchmarks.md"
 RESULTS = ROOT / "bench" / "results"
 
@@ -72,8 +75,13 @@ class Sizes:
     scale_entries: tuple[int, ...] = (1000, 10_000)  # ls_scale: one folder of each size
     tree_files: int = 3000  # cp_r's source and find_ls's tree, small_size each
     tree_folders: int = 30
+    rss_objects: int = 200_000  # find_rss
     fio_runtime: int = 15
     durable_timeout: float = 600.0
+
+    @property
+    def rss_folders(self) -> int:
+        return max(1, self.rss_objects // RSS_FILES_PER_FOLDER)
 
 
 QUICK = Sizes(raw=32 * MiB, seq=64 * MiB, rand=32 * MiB, small_files=100, dir_entries=500,
@@ -120,8 +128,8 @@ class Bench:
 
     # ------------------------------------------------------------------ setup
     def setup(self, local: Path, workloads: list[str]) -> None:
-        """The bucket and the fixtures ``workloads`` read, on the server and in the local
-        directory ``local``, which is the local tool's bucket."""
+        """The bucket and the fixtures ``workloads`` read, on the server and (but for
+        find_rss's) in the local directory ``local``, which is the local tool's bucket."""
         self.local_root = local
         self.bucket = self.srv.new_bucket().extra["bucket"]
         self.raw = self.measure_raw()
@@ -141,6 +149,8 @@ class Bench:
                 self.flat_folder(n)
         if {"cp_r", "find_ls"} & set(workloads):
             self.small_tree()
+        if "find_rss" in workloads:
+            self.rss_tree()
         self.make_tarball()
         log(f"fixtures ready in bucket {self.bucket}")
 
@@ -179,6 +189,11 @@ class Bench:
         s = self.sizes
         return self.tree(f"fixtures/tree-{s.tree_files}", s.tree_files, s.tree_folders,
                          self.pattern.base[:s.small_size], mirror=True)
+
+    def rss_tree(self) -> str:
+        """find_rss's objects: only cloudfs reads them, so there is no local copy."""
+        s = self.sizes
+        return self.tree(f"rss/tree-{s.rss_objects}", s.rss_objects, s.rss_folders, b"x" * 100, mirror=False)
 
     def measure_raw(self) -> dict[str, Any]:
         """The server's own speed through boto3: one stream, and multipart with 8 threads."""
@@ -447,6 +462,14 @@ class Bench:
         out = self.cold_then_warm(tool, ["find", str(path), "-ls"], want, warm=True)
         return {"files": s.tree_files, "folders": s.tree_folders, **out}
 
+    def find_rss(self, tool: Tool) -> dict[str, Any]:
+        """--rss-200k: a plain ``find`` over rss_objects objects on a cold cloudfs mount; the
+        figure is the daemon's peak RSS."""
+        s = self.sizes
+        path = tool.root / self.rss_tree()
+        out = self.cold_then_warm(tool, ["find", str(path)], s.rss_objects + s.rss_folders + 1, warm=False)
+        return {"objects": s.rss_objects, "folders": s.rss_folders, **out}
+
     def tar(self, tool: Tool) -> dict[str, Any]:
         w = self.write_tree(tool, "tar", lambda d: ["tar", "--no-same-owner", "-xf", str(self.tarball), "-C",
                                                     str(d)], self.tar_files)
@@ -589,8 +612,9 @@ def render(res: dict[str, Any]) -> str:
             row = [label, unit] + [fmt(v.get(key)) if "error" not in v else "error" for v in vals.values()]
             row += [ratio(vals["cloudfs"].get(key), vals[p].get(key), higher) for p in peers]
             lines.append("| " + " | ".join(row) + " |")
-    rss = {t: peak(*(w.get("rss_mib") for w in R.get(t, {}).values())) for t in tools}
-    row = ["peak RSS of the mount process (max over workloads)", "MiB", *map(fmt, rss.values())]
+    # find_rss runs on cloudfs alone, over far more objects: its peak is reported below.
+    rss = {t: peak(*(w.get("rss_mib") for wl, w in R.get(t, {}).items() if wl != "find_rss")) for t in tools}
+    row = ["peak RSS of the mount process (max over the workloads above)", "MiB", *map(fmt, rss.values())]
     row += [ratio(rss["cloudfs"], rss[p], False) for p in peers]
     lines.append("| " + " | ".join(row) + " |")
     if "cloudfs" in tools and "local" in tools:
@@ -605,6 +629,12 @@ def render(res: dict[str, Any]) -> str:
             lines += ["", f"cloudfs random 4 KiB reads are {cold:.2f}x (cold) and {warm:.2f}x (warm) of the "
                       "request ceiling of a plain pyfuse3 passthrough of the local directory on this machine "
                       "(`bench/passthrough.py`, the passthrough column; target: at least 0.9x)."]
+    memory = R.get("cloudfs", {}).get("find_rss", {})
+    if "rss_mib" in memory:
+        lines += ["", f"Memory run (`--rss-200k`): `find` over {memory['objects']:,} objects in "
+                  f"{memory['folders']:,} folders on a cold cloudfs mount took {fmt(memory['cold_s'])} s; "
+                  f"the daemon's peak RSS was {fmt(memory['rss_mib'])} MiB (bench/rss.py's target: "
+                  f"< {RSS_TARGET_MIB} MiB)."]
     errors = [(t, wl, w["error"]) for t in tools for wl, w in R.get(t, {}).items() if "error" in w]
     errors += [(t, wl, f"{cmd} exited {w[f'{cmd}_rc']}: "
                 + " / ".join(w.get(f"{cmd}_stderr", "").split("\n")[:3]))
@@ -632,10 +662,10 @@ def render(res: dict[str, Any]) -> str:
 
 def workloads_for(tool: Tool, workloads: list[str]) -> list[str]:
     """The workloads ``tool`` runs: the passthrough only rand_read's job (the workload
-    ``passthrough`` stands for it), every other tool all but that."""
+    ``passthrough`` stands for it), find_rss only cloudfs, the others every tool."""
     if isinstance(tool, Passthrough):
         return ["rand_read"] if "passthrough" in workloads else []
-    return [wl for wl in workloads if wl != "passthrough"]
+    return [wl for wl in workloads if wl != "passthrough" and (wl != "find_rss" or isinstance(tool, Cloudfs))]
 
 
 def write_doc(section: str) -> None:
@@ -655,12 +685,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
     ap.add_argument("--huge", action="store_true",
                     help=f"ls_scale also lists a folder of {HUGE_ENTRIES:,} entries")
+    ap.add_argument("--rss-200k", action="store_true",
+                    help="also the memory run find_rss on cloudfs: find over 200,000 objects (--rss-objects)")
+    ap.add_argument("--rss-objects", type=int, help="with --rss-200k: this many objects instead")
     args = ap.parse_args(argv)
     workloads = [w for w in args.workloads.split(",") if w]
     tools = [t for t in args.tools.split(",") if t]
     bad = set(workloads) - set(WORKLOADS) | set(tools) - set(TOOLS)
     if bad:
         ap.error(f"unknown workloads/tools: {sorted(bad)}")
+    if args.rss_objects is not None and not args.rss_200k:
+        ap.error("--rss-objects needs --rss-200k")
+    if args.rss_200k:
+        if "cloudfs" not in tools:
+            ap.error("--rss-200k runs on cloudfs: add it to --tools")
+        workloads.append("find_rss")
     if os.geteuid() != 0:
         ap.error("needs root (drop_caches, FUSE mounts)")
     for exe in ("fio", "rclone", "s3fs", "fusermount3"):
@@ -669,6 +708,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK if args.quick else Sizes()
     if args.huge:
         sizes = replace(sizes, scale_entries=(*sizes.scale_entries, HUGE_ENTRIES))
+    if args.rss_objects is not None:
+        sizes = replace(sizes, rss_objects=args.rss_objects)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="cloudfs-bench-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

@@ -406,4 +406,20 @@ class Local(Tool):
         pass
 
 
+class Passthrough(Tool):
+    """The FUSE request ceiling: bench/passthrough.py serving ``source`` (the local
+    directory's copy of the fixtures), read-only.  Not one of TOOLS: it has no bucket and
+    runs only the read workloads it is named for."""
+
+    name = "passthrough"
+    writes_back = False
+
+    def __init__(self, work: Path, source: Path) -> None:
+        super().__init__(work, "", "")
+        self.source = source
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(ROOT / "bench" / "passthrough.py"), str(self.source), str(self.mnt)]
+
+
 TOOLS: dict[str, type[Tool]] = {"local": Local, "cloudfs": Cloudfs, "rclone": Rclone, "s3fs": S3fs}

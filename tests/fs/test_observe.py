@@ -9,6 +9,7 @@ import os
 import re
 import socket
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cloudfs.status import render
 from tests.mounting import CLOUDFS, Mount
 from tests.servers import Target
 
@@ -91,6 +93,26 @@ def test_status_without_a_mountpoint_lists_every_mount(local_target: Target, tmp
     finally:
         for m in mounts:
             m.cleanup()
+
+
+def test_status_text_says_offline_since_and_what_is_queued() -> None:
+    """Offline, one line says since when and what waits (people's units); `--json` keeps the
+    numbers (`test_offline_the_cache_keeps_serving_and_changes_go_up_when_the_store_is_back`)."""
+    st: dict[str, Any] = {
+        "mountpoint": "/mnt", "backend": "s3://b/", "pid": 1, "log": None, "offline_since": None,
+        "requests": {"put": 2},
+        "cache": {"dir": "/c", "used_bytes": 0, "max_bytes": 1024**3, "dirty_bytes": 0, "hits": 0,
+                  "fetches": 0, "evictions": 0},
+        "uploads": {"pending_files": 1, "pending_bytes": 3 * 1024**3 // 2, "uploaded_bytes": 1,
+                    "errors": {}},
+    }
+    assert "store: answers" in render(st).splitlines()
+    st["offline_since"] = time.mktime((2025, 1, 2, 3, 4, 5, 0, 0, -1))
+    lines = render(st).splitlines()
+    assert "store: offline since 2025-01-02 03:04:05, 1 file / 1.5 GiB queued" in lines
+    assert "uploads: 1 file(s) pending (1.5 GiB), 1 byte uploaded" in lines
+    st["uploads"].update(pending_files=3, pending_bytes=1536)
+    assert "store: offline since 2025-01-02 03:04:05, 3 files / 1.5 KiB queued" in render(st).splitlines()
 
 
 def test_cache_list_and_clean_never_remove_what_is_in_use_or_pending(local_target: Target,

@@ -60,6 +60,38 @@ def test_metrics_count_what_the_mount_did(local_target: Target, tmp_path: Path) 
         m.cleanup()
 
 
+def test_metrics_count_cache_hits_and_evictions(local_target: Target, tmp_path: Path) -> None:
+    """A re-read of a cached file is a hit and no fetch; reading 1 MiB through a cache of four
+    64 KiB blocks evicts all but the last four blocks it fetched."""
+    port = free_port()
+    m = Mount(local_target, tmp_path / "mnt", tmp_path / "cache",
+              {"metrics": f"127.0.0.1:{port}", "cache_size": "256K", "block_size": "64K"})
+    root = local_target.extra["root"]
+    (root / "small").write_bytes(b"four")
+    big = os.urandom(1024 * 1024)
+    (root / "big").write_bytes(big)
+    m.start()
+    try:
+        def counts() -> tuple[float, float, float]:
+            got = scrape(port)
+            return tuple(got[(f"cloudfs_cache_{name}_total", ())]  # type: ignore[return-value]
+                         for name in ("hits", "fetches", "evictions"))
+
+        assert (m.path / "small").read_bytes() == b"four"
+        hits, fetches, evictions = counts()
+        assert (fetches, evictions) == (1, 0)
+        with open(m.path / "small", "rb") as f:  # the kernel forgets its pages: the read reaches us
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            assert f.read() == b"four"
+        assert counts() == (hits + 1, 1, 0)
+        assert (m.path / "big").read_bytes() == big
+        _, fetches, evictions = counts()
+        assert fetches >= 1 + 16 and evictions >= fetches - 4
+        assert scrape(port)[("cloudfs_cache_used_bytes", ())] <= 256 * 1024
+    finally:
+        m.cleanup()
+
+
 def test_bad_metrics_address_is_one_line_and_exit_2(local_target: Target, tmp_path: Path) -> None:
     (tmp_path / "mnt").mkdir()
     with socket.socket() as taken:

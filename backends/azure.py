@@ -560,6 +560,10 @@ class AzureBackend(Backend):
             status, etag = props.copy.status, props.etag
         if status != "success":
             raise BackendError(f"{dst}: server-side copy from {src} ended as {status!r}")
+        if metadata is not None:
+            # Copy Blob takes the source's Content-Type and has no header to change it: a copy
+            # under new metadata (a rename) gets the new name's type in a second request.
+            etag = target.set_http_headers(self._content_settings(dst))["etag"]
         return etag
 
     def _delete(self, key: str) -> None:

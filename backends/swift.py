@@ -681,13 +681,17 @@ class SwiftBackend(Backend):
             raise NotFound(f"{src}: no such object")
         if _is_slo(headers):
             # A large object is renamed by copying its manifest: the segments are shared.
+            # Kept metadata keeps the type; new metadata (a rename) gets the new name's.
             manifest = self._manifest(src)
-            meta = decode_metadata(headers) if metadata is None else metadata
-            return self._put_manifest(dst, manifest, meta, headers.get("content-type"))
+            if metadata is None:
+                return self._put_manifest(dst, manifest, decode_metadata(headers),
+                                          headers.get("content-type"))
+            return self._put_manifest(dst, manifest, metadata, None)
         hdrs = {"X-Copy-From": self._path(self.container, src), "Content-Length": "0"}
         if metadata is not None:
             hdrs.update(self._meta_headers(metadata))
             hdrs["X-Fresh-Metadata"] = "true"
+            hdrs["Content-Type"] = self.content_type(dst)  # else the copy keeps the source's
         resp = self._request("PUT", self._obj(dst), headers=hdrs)
         return _etag(resp.getheader("etag")) or ""
 

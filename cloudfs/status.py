@@ -113,19 +113,41 @@ def every_mount(run_dir: str) -> list[dict[str, Any]]:
     return sorted(found, key=lambda st: st["mountpoint"])
 
 
+def size_text(n: int) -> str:
+    """``n`` bytes for people: ``512 bytes``, ``1.5 KiB``, ``20.0 MiB``, ``3.2 GiB``."""
+    if n < 1024:
+        return f"{n} byte" + ("" if n == 1 else "s")
+    value = n / 1024
+    for unit in ("KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def store_line(st: dict[str, Any]) -> str:
+    """``store: answers``, or ``store: offline since T, N files / B bytes queued``."""
+    if st.get("offline_since") is None:
+        return "store: answers"
+    u = st["uploads"]
+    files = u["pending_files"]
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st["offline_since"]))
+    return (f"store: offline since {since}, "
+            f"{files} file{'' if files == 1 else 's'} / {size_text(u['pending_bytes'])} queued")
+
+
 def render(st: dict[str, Any]) -> str:
     c, u = st["cache"], st["uploads"]
     mib = 1024 * 1024
     lines = [
         f"{st['mountpoint']}: {st['backend']} (pid {st['pid']})",
         f"cache directory: {c['dir']}" + (f", log: {st['log']}" if st.get("log") else ""),
-        "store: " + ("answers" if st.get("offline_since") is None else "offline since "
-                     + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st["offline_since"]))),
+        store_line(st),
         f"cache: {c['used_bytes'] / mib:.0f} of {c['max_bytes'] / mib:.0f} MiB used, "
         f"{c['dirty_bytes'] / mib:.0f} MiB not uploaded, {c['hits']} hits, {c['fetches']} fetches, "
         f"{c['evictions']} evictions",
-        f"uploads: {u['pending_files']} file(s) pending ({u['pending_bytes'] / mib:.1f} MiB), "
-        f"{u['uploaded_bytes'] / mib:.1f} MiB uploaded",
+        f"uploads: {u['pending_files']} file(s) pending ({size_text(u['pending_bytes'])}), "
+        f"{size_text(u['uploaded_bytes'])} uploaded",
         "requests: " + ", ".join(f"{k} {v}" for k, v in sorted(st["requests"].items())),
     ]
     lines += [f"upload error: {k}: {v}" for k, v in u["errors"].items()]

@@ -251,20 +251,3 @@ def test_prefix_mount(backend_name: str, target: Target) -> None:
         assert run(b.head, "f/").key == "f/"
     finally:
         b.close()
-
-
-def test_content_type_follows_the_name(backend_name: str, target: Target, backend: Backend) -> None:
-    """Served through a static website or a SAS link, .html stays a page: the type comes from
-    the name, for single PUTs and committed block lists alike."""
-    async def go() -> None:
-        await backend.put("site/index.html", Payload.from_bytes(b"<p>hi</p>"), {})
-        uid = await backend.mpu_create("site/photo.jpg", {})
-        part = await backend.mpu_part("site/photo.jpg", uid, 1, Payload.from_bytes(b"\xff\xd8jpeg"))
-        await backend.mpu_complete("site/photo.jpg", uid, [part])
-        await backend.put("site/data.unknownext", Payload.from_bytes(b"?"), {})
-
-    run(go)
-    types = {name: target.sdk.get_blob_client(name).get_blob_properties().content_settings.content_type
-             for name in ("site/index.html", "site/photo.jpg", "site/data.unknownext")}
-    assert types == {"site/index.html": "text/html", "site/photo.jpg": "image/jpeg",
-                     "site/data.unknownext": "application/octet-stream"}

@@ -275,22 +275,3 @@ def test_options(backend_name: str, target: Target) -> None:
         assert b.describe().startswith(target.url + "/")
     finally:
         b.close()
-
-
-def test_content_type_follows_the_name(backend_name: str, target: Target, backend: Backend) -> None:
-    """Served through a website or a signed link, .html stays a page: the type comes from the
-    name, for single PUTs, composed uploads and copies alike."""
-    async def go() -> None:
-        await backend.put("site/index.html", Payload.from_bytes(b"<p>hi</p>"), {})
-        uid = await backend.mpu_create("site/photo.jpg", {})
-        part = await backend.mpu_part("site/photo.jpg", uid, 1, Payload.from_bytes(b"\xff\xd8jpeg"))
-        await backend.mpu_complete("site/photo.jpg", uid, [part])
-        await backend.move("site/index.html", "site/style.css", {})
-        await backend.put("site/data.unknownext", Payload.from_bytes(b"?"), {})
-
-    run(go)
-    bucket = sdk_bucket(target)
-    types = {name: bucket.get_blob(name).content_type
-             for name in ("site/photo.jpg", "site/style.css", "site/data.unknownext")}
-    assert types == {"site/photo.jpg": "image/jpeg", "site/style.css": "text/css",
-                     "site/data.unknownext": "application/octet-stream"}

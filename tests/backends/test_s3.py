@@ -485,11 +485,3 @@ def test_tls_options_reach_the_client(backend_name: str, target: Target, tmp_pat
             assert b.client._endpoint.http_session._verify == verify
         finally:
             b.close()
-
-
-def test_fixed_content_type(backend: Any, target: Target) -> None:
-    """-o content_type=TYPE (the daemon sets ``fixed_content_type``) replaces the guess."""
-    backend.fixed_content_type = "application/octet-stream"
-    run(backend.put, "page.html", Payload.from_bytes(b"<p/>"), {})
-    head = target.sdk.head_object(Bucket=target.extra["bucket"], Key="page.html")
-    assert head["ContentType"] == "application/octet-stream"

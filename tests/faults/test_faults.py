@@ -210,10 +210,16 @@ def test_offline_the_cache_keeps_serving_and_changes_go_up_when_the_store_is_bac
                 f.write(b", appended")
             st = json.loads(cli("status", "--json", str(m.path)).stdout)
             assert st["offline_since"] is not None and st["uploads"]["pending_files"] == 2
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st["offline_since"]))
+            queued = st["uploads"]["pending_bytes"]
+            assert 0 < queued < 1024  # the two small files: shown in bytes
+            line = f"store: offline since {since}, 2 files / {queued} bytes queued"
+            assert line in cli("status", str(m.path)).stdout.splitlines()
             proxy.up()
             assert cli("sync", str(m.path)).returncode == 0
             st = json.loads(cli("status", "--json", str(m.path)).stdout)
             assert st["offline_since"] is None and st["uploads"]["pending_files"] == 0
+            assert "store: answers" in cli("status", str(m.path)).stdout.splitlines()
         finally:
             m.cleanup()
     got = {k: target.sdk.get_object(Bucket="faults", Key=k)["Body"].read() for k in ("d/new", "d/cached")}

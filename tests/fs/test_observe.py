@@ -9,6 +9,7 @@ import os
 import re
 import socket
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cloudfs.status import render
 from tests.mounting import CLOUDFS, Mount
 from tests.servers import Target
 
@@ -58,6 +60,38 @@ def test_metrics_count_what_the_mount_did(local_target: Target, tmp_path: Path) 
         m.cleanup()
 
 
+def test_metrics_count_cache_hits_and_evictions(local_target: Target, tmp_path: Path) -> None:
+    """A re-read of a cached file is a hit and no fetch; reading 1 MiB through a cache of four
+    64 KiB blocks evicts all but the last four blocks it fetched."""
+    port = free_port()
+    m = Mount(local_target, tmp_path / "mnt", tmp_path / "cache",
+              {"metrics": f"127.0.0.1:{port}", "cache_size": "256K", "block_size": "64K"})
+    root = local_target.extra["root"]
+    (root / "small").write_bytes(b"four")
+    big = os.urandom(1024 * 1024)
+    (root / "big").write_bytes(big)
+    m.start()
+    try:
+        def counts() -> tuple[float, float, float]:
+            got = scrape(port)
+            return tuple(got[(f"cloudfs_cache_{name}_total", ())]  # type: ignore[return-value]
+                         for name in ("hits", "fetches", "evictions"))
+
+        assert (m.path / "small").read_bytes() == b"four"
+        hits, fetches, evictions = counts()
+        assert (fetches, evictions) == (1, 0)
+        with open(m.path / "small", "rb") as f:  # the kernel forgets its pages: the read reaches us
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            assert f.read() == b"four"
+        assert counts() == (hits + 1, 1, 0)
+        assert (m.path / "big").read_bytes() == big
+        _, fetches, evictions = counts()
+        assert fetches >= 1 + 16 and evictions >= fetches - 4
+        assert scrape(port)[("cloudfs_cache_used_bytes", ())] <= 256 * 1024
+    finally:
+        m.cleanup()
+
+
 def test_bad_metrics_address_is_one_line_and_exit_2(local_target: Target, tmp_path: Path) -> None:
     (tmp_path / "mnt").mkdir()
     with socket.socket() as taken:
@@ -91,6 +125,26 @@ def test_status_without_a_mountpoint_lists_every_mount(local_target: Target, tmp
     finally:
         for m in mounts:
             m.cleanup()
+
+
+def test_status_text_says_offline_since_and_what_is_queued() -> None:
+    """Offline, one line says since when and what waits (people's units); `--json` keeps the
+    numbers (`test_offline_the_cache_keeps_serving_and_changes_go_up_when_the_store_is_back`)."""
+    st: dict[str, Any] = {
+        "mountpoint": "/mnt", "backend": "s3://b/", "pid": 1, "log": None, "offline_since": None,
+        "requests": {"put": 2},
+        "cache": {"dir": "/c", "used_bytes": 0, "max_bytes": 1024**3, "dirty_bytes": 0, "hits": 0,
+                  "fetches": 0, "evictions": 0},
+        "uploads": {"pending_files": 1, "pending_bytes": 3 * 1024**3 // 2, "uploaded_bytes": 1,
+                    "errors": {}},
+    }
+    assert "store: answers" in render(st).splitlines()
+    st["offline_since"] = time.mktime((2025, 1, 2, 3, 4, 5, 0, 0, -1))
+    lines = render(st).splitlines()
+    assert "store: offline since 2025-01-02 03:04:05, 1 file / 1.5 GiB queued" in lines
+    assert "uploads: 1 file(s) pending (1.5 GiB), 1 byte uploaded" in lines
+    st["uploads"].update(pending_files=3, pending_bytes=1536)
+    assert "store: offline since 2025-01-02 03:04:05, 3 files / 1.5 KiB queued" in render(st).splitlines()
 
 
 def test_cache_list_and_clean_never_remove_what_is_in_use_or_pending(local_target: Target,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 FORMAT = 2
@@ -93,7 +93,8 @@ def record_path(file_dir: str) -> str:
 
 
 def write_record(file_dir: str, record: FileRecord, durable: bool) -> None:
-    write_json(record_path(file_dir), asdict(record), durable)
+    # Its fields are JSON values already (nested records come as dicts): no deep copy.
+    write_json(record_path(file_dir), vars(record), durable)
 
 
 def sync_record(file_dir: str) -> None:

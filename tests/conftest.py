@@ -49,6 +49,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.xdist_group("host"))
 
 
+@pytest.hookimpl(trylast=True)  # after xdist marked the groups in the node ids
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """In a loadgroup worker, a grouped test whose node id carries no group would run beside
+    the rest of its group: tests that change the machine would race.  Refuse to run then."""
+    if not session.config.getvalue("loadgroup"):
+        return
+    lost = [item.nodeid for item in session.items
+            if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    if lost:
+        raise pytest.UsageError(f"pytest-xdist's --dist loadgroup did not group {lost[0]} (and "
+                                f"{len(lost) - 1} more): this pytest and pytest-xdist do not work "
+                                "together (pytest-dev/pytest-xdist#1386)")
+
+
 @pytest.fixture(scope="session")
 def started_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Any]]:
     """Each backend's server, started on first use and kept until the session ends (then

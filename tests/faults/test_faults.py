@@ -16,6 +16,7 @@ import stat
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,15 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60
         ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([CLOUDFS, *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+@contextlib.contextmanager
+def proxied(target: Target, fail_every: int) -> Iterator[tuple[FlakyProxy, Target]]:
+    """A fault proxy in front of ``target``'s S3 server, and ``target`` reached through it."""
+    upstream = int(target.env["AWS_ENDPOINT_URL_S3"].rsplit(":", 1)[1])
+    with FlakyProxy(upstream, fail_every=fail_every) as proxy:
+        yield proxy, Target("s3", target.url, env={**target.env,
+                                                   "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.port}"})
 
 
 # ---------------------------------------------------------------------- crash safety
@@ -166,10 +176,7 @@ def test_hung_store_fails_with_eio_and_one_clear_line(moto, tmp_path: Path) -> N
     """A store that accepts connections and never answers: a lookup gives EIO after the short
     metadata timeout and its retries, and the log says so without a traceback."""
     _proc, target = moto
-    upstream = int(target.env["AWS_ENDPOINT_URL_S3"].rsplit(":", 1)[1])
-    with FlakyProxy(upstream, fail_every=0) as proxy:
-        hung = Target("s3", target.url, env={**target.env,
-                                             "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.port}"})
+    with proxied(target, fail_every=0) as (proxy, hung):
         m = Mount(hung, tmp_path / "mnt", tmp_path / "cache", {"retries": "2", "metadata_timeout": "2"})
         m.start()
         try:
@@ -188,11 +195,8 @@ def test_hung_store_fails_with_eio_and_one_clear_line(moto, tmp_path: Path) -> N
 def test_offline_the_cache_keeps_serving_and_changes_go_up_when_the_store_is_back(
         moto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     _proc, target = moto
-    upstream = int(target.env["AWS_ENDPOINT_URL_S3"].rsplit(":", 1)[1])
     target.sdk.put_object(Bucket="faults", Key="d/remote", Body=b"never read here")
-    with FlakyProxy(upstream, fail_every=0) as proxy:
-        via = Target("s3", target.url, env={**target.env,
-                                            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.port}"})
+    with proxied(target, fail_every=0) as (proxy, via):
         m = Mount(via, tmp_path / "mnt", tmp_path / "cache", {"retries": "2"})
         m.start()
         try:
@@ -252,10 +256,7 @@ def test_offline_uploads_resume_by_themselves_in_order_when_the_store_is_back(
     were written, long before their backoff would have retried them, with the usual conflict
     rule for a file another tool changed meanwhile."""
     _proc, target = moto
-    upstream = int(target.env["AWS_ENDPOINT_URL_S3"].rsplit(":", 1)[1])
-    with FlakyProxy(upstream, fail_every=0) as proxy:
-        via = Target("s3", target.url, env={**target.env,
-                                            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.port}"})
+    with proxied(target, fail_every=0) as (proxy, via):
         m = Mount(via, tmp_path / "mnt", tmp_path / "cache", {"retries": "2"})
         m.start()
         try:
@@ -343,10 +344,7 @@ def test_umount_reports_what_could_not_be_uploaded(moto, tmp_path: Path) -> None
 def test_server_errors_are_retried(moto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A store that throttles every third request (503 SlowDown) still gets every file."""
     _proc, target = moto
-    upstream = int(target.env["AWS_ENDPOINT_URL_S3"].rsplit(":", 1)[1])
-    with FlakyProxy(upstream, fail_every=3) as proxy:
-        flaky = Target("s3", target.url, env={**target.env,
-                                              "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.port}"})
+    with proxied(target, fail_every=3) as (proxy, flaky):
         m = Mount(flaky, tmp_path / "mnt", tmp_path / "cache")
         m.start()
         try:

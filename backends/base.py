@@ -626,6 +626,18 @@ class Backend:
         """Fail with BucketNotFound / AuthenticationFailed early, at mount time."""
         await self._call(self._check_bucket)
 
+    async def probe(self) -> bool:
+        """Whether the store answers, asked with its cheapest request (a one-name listing),
+        once and within ``metadata_timeout``; an answer ends offline mode (``_reachable``).
+        Says nothing itself: the change of state is logged once, where it happens."""
+        try:
+            await self._call(self._list_page, self.full_key(""), "/", None, 1, retry=False)
+        except Transient:
+            return False
+        except BackendError:
+            pass  # it answered, if only to refuse
+        return True
+
     async def list_page(self, prefix: str, delimiter: str | None = "/", token: str | None = None,
                         limit: int = 1000) -> ListPage:
         page = await self._call(self._list_page, self.full_key(prefix), delimiter, token, limit)

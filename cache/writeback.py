@@ -6,7 +6,9 @@ ids due at once (cache pressure, unmount).  ``run(store)`` calls ``store(id)`` f
 at most ``parallel`` at a time.  ``store`` returns None when the id is done, or a number of
 seconds after which to call it again (the file was busy); an exception is a failed try:
 the id is retried after a delay that doubles per consecutive failure, capped at
-``max_backoff``.  A success resets it.
+``max_backoff``.  A success resets it.  ``resume`` (the store answers again after an
+outage) retries every queued id, backoffs forgotten, one at a time in the order the ids
+were queued: parallel tries would reach the store in any order.
 
 Rules: ids are scheduled from the trio thread only; one ``store`` call per id runs at a
 time (a schedule during the call makes it due again when the call returns: at once if it
@@ -46,18 +48,25 @@ class WritebackQueue:
         self.retry_at: dict[str, float] = {}
         self.errors: dict[str, str] = {}  # id -> last failure, for status
         self._wakeup = trio.Event()
+        # When each queued id was queued (until its store() call ends it): the resume order.
+        self._order: dict[str, int] = {}
+        self._resume: set[str] = set()  # ids ``resume`` retries in that order, not yet started
+        self._resuming = trio.Event()
+        self._finished = trio.Event()  # set whenever a store() call returns
 
     def __contains__(self, id: str) -> bool:
-        return id in self._due or id in self._running
+        return id in self._due or id in self._running or id in self._resume
 
     def __len__(self) -> int:
-        return len(self._due.keys() | self._running)
+        return len(self._due.keys() | self._running | self._resume)
 
     def schedule(self, id: str, delay: float | None = None) -> None:
         """Due ``delay`` (default: the write-back delay) from now, or when its backoff ends."""
         if id in self._running:
             self._again.setdefault(id, False)
             return
+        if id in self._resume:
+            return  # its turn comes in the resume order (store() waits for a file to settle)
         due = max(time.monotonic() + (self.delay if delay is None else delay), self.retry_at.get(id, 0.0))
         self._push(id, due)
 
@@ -67,6 +76,8 @@ class WritebackQueue:
         for i in [id] if id is not None else list(self._due):
             if i in self._running:
                 self._again[i] = True
+            elif i in self._resume:
+                continue  # due already, in the resume order
             elif i in self._due or id is not None:
                 self._push(i, max(now, self.retry_at.get(i, 0.0)))
 
@@ -77,20 +88,36 @@ class WritebackQueue:
         self.errors.clear()
         self.expedite()
 
+    def resume(self) -> None:
+        """The store answers again: every queued id is retried now, backoffs and last errors
+        forgotten, one after another in the order they were queued (an id whose try is under
+        way goes again once it ends, in its place)."""
+        self.retry_at.clear()
+        self.errors.clear()
+        for id in self._due.keys() | self._running:
+            self._due.pop(id, None)
+            self._resume.add(id)
+        if self._resume:
+            self._resuming.set()
+
     def discard(self, id: str) -> None:
         self._due.pop(id, None)
+        self._resume.discard(id)
+        self._order.pop(id, None)
         self._again.pop(id, None)
         self.tries.pop(id, None)
         self.retry_at.pop(id, None)
         self.errors.pop(id, None)
 
     def _push(self, id: str, due: float) -> None:
+        self._order.setdefault(id, next(self._seq))
         self._due[id] = due
         heapq.heappush(self._heap, (due, next(self._seq), id))
         self._wakeup.set()
 
     async def run(self, store: Store, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._resume_in_order, store)
             task_status.started()
             while True:
                 now = time.monotonic()
@@ -105,6 +132,20 @@ class WritebackQueue:
                 self._wakeup = trio.Event()
                 with trio.move_on_after(max(0.0, timeout)):
                     await self._wakeup.wait()
+
+    async def _resume_in_order(self, store: Store) -> None:
+        while True:
+            await self._resuming.wait()
+            while self._resume:
+                id = min(self._resume, key=lambda i: self._order.get(i, -1))
+                if id in self._running:  # a try from before: it goes again when that ends
+                    self._finished = trio.Event()
+                    await self._finished.wait()
+                    continue
+                self._resume.discard(id)
+                self._running.add(id)
+                await self._one(store, id)
+            self._resuming = trio.Event()
 
     async def _one(self, store: Store, id: str) -> None:
         again: float | None = None
@@ -123,8 +164,11 @@ class WritebackQueue:
             again = wait
         finally:
             self._running.discard(id)
+            self._finished.set()
         expedited = self._again.pop(id, None)
         if expedited:
             self.expedite(id)
         elif expedited is not None or again is not None:
             self.schedule(id, again)
+        elif id not in self._resume:
+            self._order.pop(id, None)  # done: queued again later, it goes behind the others

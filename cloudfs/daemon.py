@@ -353,6 +353,7 @@ def _serve(plan: MountPlan, ready_fd: int | None, detach: bool) -> int:
                     mount.queue.schedule(file.fid)
                 nursery.start_soon(_main_loop, nursery)
                 nursery.start_soon(_on_signals, uploader, nursery)
+                nursery.start_soon(mount.reconnect.run)
                 if scrapes is not None:
                     registry = metrics.registry_for(metrics.MountCollector(plan.backend, cache, uploader,
                                                                            mount.queue))
@@ -431,6 +432,38 @@ async def _on_signals(uploader: Uploader, nursery: trio.Nursery) -> None:
             return
 
 
+# While the store does not answer, how often it is asked whether it does again.
+PROBE_INTERVAL = 5.0
+
+
+class Reconnect:
+    """Uploads that failed while the store was away go again as soon as it answers, in the
+    order they were queued.  Any answer shows that it is back; with nothing else asking (no
+    user activity) ``run`` asks it every ``interval`` seconds, and only while it is offline."""
+
+    def __init__(self, backend: Backend, queue: WritebackQueue, interval: float = PROBE_INTERVAL) -> None:
+        self.backend = backend
+        self.queue = queue
+        self.interval = interval
+        self._offline = trio.Event()
+        backend.watch_reachability(self.changed)
+
+    def changed(self, up: bool) -> None:
+        if up:
+            self.queue.resume()
+        else:
+            self._offline.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._offline.wait()
+            self._offline = trio.Event()
+            while self.backend.offline_since is not None:
+                await trio.sleep(self.interval)
+                if self.backend.offline_since is not None:
+                    await self.backend.probe()  # one bounded request; an answer calls changed()
+
+
 @dataclass
 class Mount:
     """The pieces of one mount, wired together (nothing global: two mounts never share)."""
@@ -439,6 +472,7 @@ class Mount:
     cache: BlockCache
     uploader: Uploader
     vfs: VFS
+    reconnect: Reconnect
     meta_store: MetaStore | None = None
 
 
@@ -472,9 +506,7 @@ def build(backend: Backend, cache_dir: str, opts: MountOptions, notify: Notify) 
     if not backend.capabilities.listing_has_metadata and opts.meta_cache_entries:
         store = MetaStore(os.path.join(cache_dir, meta_store.FILE), opts.meta_cache_entries)
         vfs.meta.store = store
-    # Uploads that failed while the store was away go again as soon as it answers.
-    backend.watch_reachability(lambda up: queue.retry_now() if up else None)
-    return Mount(queue, cache, uploader, vfs, store)
+    return Mount(queue, cache, uploader, vfs, Reconnect(backend, queue), store)
 
 
 async def _flush_before_exit(uploader: Uploader, progress: bool) -> list[File]:

@@ -10,11 +10,13 @@ import errno
 import io
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ import pytest
 from tests.mounting import CLOUDFS, Mount, mounted
 from tests.servers import Target
 from tests.servers.flaky_proxy import FlakyProxy
+from tests.servers.process import http_ready
 
 MiB = 1024 * 1024
 
@@ -30,6 +33,15 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60
         ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([CLOUDFS, *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+@contextlib.contextmanager
+def proxied(target: Target, fail_every: int) -> Iterator[tuple[FlakyProxy, Target]]:
+    """A fault proxy in front of ``target``'s S3 server, and ``target`` reached through it."""
+    upstream = int(target.env["AWS_ENDPOINT_URL_S3"].rsplit(":", 1)[1])
+    with FlakyProxy(upstream, fail_every=fail_every) as proxy:
+        yield proxy, Target("s3", target.url, env={**target.env,
+                                                   "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.port}"})
 
 
 # ---------------------------------------------------------------------- crash safety
@@ -164,10 +176,7 @@ def test_hung_store_fails_with_eio_and_one_clear_line(moto, tmp_path: Path) -> N
     """A store that accepts connections and never answers: a lookup gives EIO after the short
     metadata timeout and its retries, and the log says so without a traceback."""
     _proc, target = moto
-    upstream = int(target.env["AWS_ENDPOINT_URL_S3"].rsplit(":", 1)[1])
-    with FlakyProxy(upstream, fail_every=0) as proxy:
-        hung = Target("s3", target.url, env={**target.env,
-                                             "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.port}"})
+    with proxied(target, fail_every=0) as (proxy, hung):
         m = Mount(hung, tmp_path / "mnt", tmp_path / "cache", {"retries": "2", "metadata_timeout": "2"})
         m.start()
         try:
@@ -186,11 +195,8 @@ def test_hung_store_fails_with_eio_and_one_clear_line(moto, tmp_path: Path) -> N
 def test_offline_the_cache_keeps_serving_and_changes_go_up_when_the_store_is_back(
         moto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     _proc, target = moto
-    upstream = int(target.env["AWS_ENDPOINT_URL_S3"].rsplit(":", 1)[1])
     target.sdk.put_object(Bucket="faults", Key="d/remote", Body=b"never read here")
-    with FlakyProxy(upstream, fail_every=0) as proxy:
-        via = Target("s3", target.url, env={**target.env,
-                                            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.port}"})
+    with proxied(target, fail_every=0) as (proxy, via):
         m = Mount(via, tmp_path / "mnt", tmp_path / "cache", {"retries": "2"})
         m.start()
         try:
@@ -226,6 +232,100 @@ def test_offline_the_cache_keeps_serving_and_changes_go_up_when_the_store_is_bac
     assert got == {"d/new": b"written while offline", "d/cached": b"read while offline, appended"}
 
 
+def _wait_for_backoff(log: Path, tries: int, files: int, deadline: float = 90) -> None:
+    """Until ``files`` uploads have each failed ``tries`` times: their next retry is at least
+    2**(tries-1) s away (the write-back queue's backoff), well after the store's return."""
+    pattern = re.compile(rf"upload failed \(try {tries}\)")
+    end = time.monotonic() + deadline
+    while len(pattern.findall(log.read_text(errors="replace"))) < files:
+        assert time.monotonic() < end, f"the uploads did not fail {tries} times: {log.read_text()[-3000:]}"
+        time.sleep(0.2)
+
+
+def _wait_in_store(target: Target, want: dict[str, bytes], deadline: float = 60) -> None:
+    """Ask the store itself (never the mount) until it holds ``want``, bounded."""
+    end = time.monotonic() + deadline
+    got: dict[str, bytes] = {}
+    while got != want:
+        assert time.monotonic() < end, f"the store holds {sorted(got)} of {sorted(want)}"
+        time.sleep(0.5)
+        got = {}
+        for key in want:
+            with contextlib.suppress(target.sdk.exceptions.NoSuchKey, target.sdk.exceptions.NoSuchBucket):
+                got[key] = target.sdk.get_object(Bucket="faults", Key=key)["Body"].read()
+
+
+def test_offline_uploads_resume_by_themselves_in_order_when_the_store_is_back(
+        moto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Nothing touches the mount after the outage: the mount asks the store every few seconds
+    while it does not answer, and once it does, the queued uploads go up in the order they
+    were written, long before their backoff would have retried them, with the usual conflict
+    rule for a file another tool changed meanwhile."""
+    _proc, target = moto
+    with proxied(target, fail_every=0) as (proxy, via):
+        m = Mount(via, tmp_path / "mnt", tmp_path / "cache", {"retries": "2"})
+        m.start()
+        try:
+            (m.path / "before").write_bytes(b"up before the outage")
+            assert cli("sync", str(m.path)).returncode == 0
+            assert os.listdir(m.path) == ["before"]
+            proxy.down()
+            (m.path / "a").write_bytes(b"written first")
+            time.sleep(0.2)
+            (m.path / "b").write_bytes(b"written second")
+            with open(m.path / "before", "ab") as f:  # and another tool changes it meanwhile
+                f.write(b", appended here")
+            target.sdk.put_object(Bucket="faults", Key="before", Body=b"changed elsewhere")
+            _wait_for_backoff(tmp_path / "cache" / "cloudfs.log", tries=5, files=3)  # next in 16 s
+            st = json.loads(cli("status", "--json", str(m.path)).stdout)
+            assert st["offline_since"] is not None and st["uploads"]["pending_files"] == 3
+            back = len(proxy.requests)
+            proxy.up()
+            _wait_in_store(target, {"a": b"written first", "b": b"written second",
+                                    "before": b"changed elsewhere"})
+            # The usual conflict rule: the store's version keeps the name, ours is a copy.
+            end = time.monotonic() + 60
+            while not (copies := [o["Key"] for o in target.sdk.list_objects_v2(
+                    Bucket="faults", Prefix="before.conflict-").get("Contents", [])]):
+                assert time.monotonic() < end, "no conflict copy of 'before'"
+                time.sleep(0.5)
+            assert len(copies) == 1, copies
+            _wait_in_store(target, {copies[0]: b"up before the outage, appended here"})
+            seen = [(r.method, r.path.split("?")[0], r.path) for r in proxy.requests[back:]]
+            puts = [path for method, path, _ in seen if method == "PUT"]
+            assert puts.index("/faults/a") < puts.index("/faults/b"), seen
+            # What brought the store back was the probe (a one-name listing), not a retry.
+            assert seen[0][0] == "GET" and "max-keys=1" in seen[0][2], seen
+            st = json.loads(cli("status", "--json", str(m.path)).stdout)
+            assert st["offline_since"] is None and st["uploads"]["pending_files"] == 0
+            log = (tmp_path / "cache" / "cloudfs.log").read_text()
+            assert log.count("answers again") == 1 and "Traceback" not in log
+        finally:
+            m.cleanup()
+
+
+def test_uploads_resume_by_themselves_when_the_store_server_restarts(
+        moto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The same with the real test server stopped (connections refused) and started again on
+    its port.  moto keeps nothing across a restart: the bucket is created again at once."""
+    proc, target = moto
+    endpoint = target.env["AWS_ENDPOINT_URL_S3"]
+    m = Mount(target, tmp_path / "mnt", tmp_path / "cache", {"retries": "2"})
+    m.start()
+    try:
+        assert os.listdir(m.path) == []  # a complete listing: names are known while offline
+        proc.stop()
+        (m.path / "a").write_bytes(b"written first")
+        (m.path / "b").write_bytes(b"written second")
+        _wait_for_backoff(tmp_path / "cache" / "cloudfs.log", tries=4, files=2)  # next in 8 s
+        proc.start(lambda: http_ready(f"{endpoint}/"), timeout=60)
+        target.sdk.create_bucket(Bucket="faults")
+        _wait_in_store(target, {"a": b"written first", "b": b"written second"})
+        assert "Traceback" not in (tmp_path / "cache" / "cloudfs.log").read_text()
+    finally:
+        m.cleanup()
+
+
 def test_umount_reports_what_could_not_be_uploaded(moto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Case 16: the store is down at unmount: ``cloudfs umount`` exits 1 with one line saying
     what stays in the cache directory, and the next mount uploads it."""
@@ -250,10 +350,7 @@ def test_umount_reports_what_could_not_be_uploaded(moto, tmp_path: Path) -> None
 def test_server_errors_are_retried(moto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A store that throttles every third request (503 SlowDown) still gets every file."""
     _proc, target = moto
-    upstream = int(target.env["AWS_ENDPOINT_URL_S3"].rsplit(":", 1)[1])
-    with FlakyProxy(upstream, fail_every=3) as proxy:
-        flaky = Target("s3", target.url, env={**target.env,
-                                              "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.port}"})
+    with proxied(target, fail_every=3) as (proxy, flaky):
         m = Mount(flaky, tmp_path / "mnt", tmp_path / "cache")
         m.start()
         try:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
+import copy
 import functools
 import io
 import itertools
@@ -26,7 +28,7 @@ import os
 import ssl
 import time
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar, cast
 
@@ -204,6 +206,7 @@ class Payload:
         self.path = path
         self.offset = offset
         self.segments = segments
+        self.progress: Progress | None = None  # told of every read (see ``watched``)
         if data is not None:
             self.size = len(data)
         elif segments is not None:
@@ -233,8 +236,18 @@ class Payload:
                 os.close(seg.fd)
                 seg.fd = None
 
+    def watched(self, progress: Progress) -> Payload:
+        """The same body, whose readers tell ``progress`` of every read."""
+        clone = copy.copy(self)
+        clone.progress = progress
+        return clone
+
     def open(self) -> BinaryIO:
         """A fresh reader positioned at the start of the payload."""
+        reader = self._open()
+        return reader if self.progress is None else cast(BinaryIO, _Watched(reader, self.progress))
+
+    def _open(self) -> BinaryIO:
         if self.data is not None:
             return io.BytesIO(self.data)
         if self.segments is not None:
@@ -253,6 +266,64 @@ class Segment:
     fd: int | None
     offset: int
     length: int
+
+
+class Progress:
+    """Bytes of a transfer moving.  Worker threads moving them call ``moved``; while an
+    attempt watches (``watch``), that pushes the attempt's deadline on, at most once per
+    ``every`` seconds (so the deadline lags the last byte by less than that)."""
+
+    __slots__ = ("_every", "_push", "_pushed")
+
+    def __init__(self) -> None:
+        self._push: Callable[[], None] | None = None
+        self._pushed = 0.0
+        self._every = 0.0
+
+    def watch(self, push: Callable[[], None] | None, every: float = 0.0) -> None:
+        self._push, self._every, self._pushed = push, every, time.monotonic()
+
+    def moved(self) -> None:
+        push, now = self._push, time.monotonic()
+        if push is not None and now - self._pushed >= self._every:
+            self._pushed = now
+            push()
+
+
+class _Watched:
+    """A file object whose reads and writes tell a :class:`Progress`; anything else an SDK
+    asks of it (seek, tell, fileno, ...) is the wrapped file's."""
+
+    def __init__(self, inner: Any, progress: Progress) -> None:
+        self._inner = inner
+        self._progress = progress
+
+    def read(self, *args: Any) -> bytes:
+        data: bytes = self._inner.read(*args)
+        self._progress.moved()
+        return data
+
+    def readinto(self, buf: Any) -> int:
+        n: int = self._inner.readinto(buf)
+        self._progress.moved()
+        return n
+
+    def write(self, data: Any) -> int:
+        n: int = self._inner.write(data)
+        self._progress.moved()
+        return n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def __iter__(self) -> Any:
+        return iter(self._inner)
+
+    def __enter__(self) -> _Watched:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._inner.close()
 
 
 class _View(io.RawIOBase):
@@ -327,7 +398,9 @@ class RetryPolicy:
     attempts: int = 6
     initial_delay: float = 0.2
     max_delay: float = 10.0
-    # Upper bound for one blocking SDK call, so a dead connection ends in EIO, not a hang.
+    # How long one blocking SDK call may go without moving a byte of its body (or, for a
+    # call with no body to watch, how long it may take), so a dead connection ends in EIO,
+    # not a hang, while a slow but moving transfer goes on.
     call_timeout: float = 300.0
     # The same for requests that move no data (HEAD, LIST, DELETE, ...): a hung store is
     # noticed in seconds, and the attempt is retried like any other transient failure.
@@ -508,8 +581,13 @@ class Backend:
                 raise
             raise mapped from None  # drop the SDK traceback: it may hold signed URLs
 
-    async def _call(self, fn: Callable[..., T], *args: Any, retry: bool = True) -> T:
+    async def _call(self, fn: Callable[..., T], *args: Any, retry: bool = True,
+                    progress: Progress | None = None) -> T:
         """Run a primitive in a worker thread with the retry policy.
+
+        Each attempt ends as failed (``Transient``) once its timeout passes: for a call with a
+        ``progress`` (a body moving through readers and writers it watches), a timeout in
+        which no byte moved; for others, the timeout in total.
 
         ``Transient`` errors are retried with capped exponential backoff and jitter, at least
         as long as a ``Retry-After`` asked for; ``backoff=False`` ones at once.  A
@@ -518,11 +596,12 @@ class Backend:
         """
         policy = self.retry
         op = getattr(fn, "__name__", "call").lstrip("_")
-        timeout = min(policy.call_timeout, policy.metadata_timeout) if op in METADATA_OPS \
+        # While the store is unreachable, one attempt per call within the short timeout: what
+        # is not cached fails fast, and the first answer brings the store back (``_reachable``).
+        offline = self.offline_since is not None
+        timeout = min(policy.call_timeout, policy.metadata_timeout) if op in METADATA_OPS or offline \
             else policy.call_timeout
-        # While the store is unreachable, one attempt per call: what is not cached fails fast,
-        # and the first answer brings the store back (see ``_reachable``).
-        attempts = policy.attempts if retry and self.offline_since is None else 1
+        attempts = policy.attempts if retry and not offline else 1
 
         def wait(state: tenacity.RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
@@ -548,7 +627,7 @@ class Backend:
             reraise=True,
         )
         try:
-            result = await self._attempts(fn, args, op, timeout, retrying)
+            result = await self._attempts(fn, args, op, timeout, retrying, progress)
         except Transient:
             if retry:  # the whole retry policy failed (a call without retries proves little)
                 self._reachable(False)
@@ -560,7 +639,7 @@ class Backend:
         return result
 
     async def _attempts(self, fn: Callable[..., T], args: tuple[Any, ...], op: str, timeout: float,
-                        retrying: tenacity.AsyncRetrying) -> T:
+                        retrying: tenacity.AsyncRetrying, progress: Progress | None) -> T:
         renewed = False
         async for attempt in retrying:
             self.requests[op] += 1
@@ -568,13 +647,9 @@ class Backend:
             with attempt:
                 started = time.monotonic()
                 try:
-                    try:
-                        with trio.fail_after(timeout):
-                            result = await trio.to_thread.run_sync(
-                                functools.partial(self._guard, fn, *args),
-                                limiter=self.limiter, abandon_on_cancel=True)
-                    except trio.TooSlowError:
-                        raise Transient(f"{self.scheme}: {op} got no answer in {timeout:g}s") from None
+                    result = await self._within(timeout, progress, op, functools.partial(
+                        trio.to_thread.run_sync, functools.partial(self._guard, fn, *args),
+                        limiter=self.limiter, abandon_on_cancel=True))
                 except BaseException as exc:
                     self._observe(op, args, type(exc).__name__, started)
                     if isinstance(exc, TokenExpired):
@@ -586,6 +661,31 @@ class Backend:
                 self._observe(op, args, "ok", started)
                 return result
         raise AssertionError("unreachable")
+
+    async def _within(self, timeout: float, progress: Progress | None, op: str,
+                      call: Callable[[], Awaitable[T]]) -> T:
+        """``await call()``, cancelled as ``Transient`` once ``timeout`` seconds pass in which
+        ``progress`` saw no byte move (without a ``progress``: once they pass at all)."""
+        with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+            if progress is not None:
+                token = trio.lowlevel.current_trio_token()
+
+                def push_on() -> None:  # on the trio thread
+                    scope.deadline = trio.current_time() + timeout
+
+                def from_worker() -> None:
+                    with contextlib.suppress(trio.RunFinishedError):  # an abandoned call, late
+                        token.run_sync_soon(push_on)
+
+                progress.watch(from_worker, timeout / 8)
+            try:
+                return await call()
+            finally:
+                if progress is not None:
+                    progress.watch(None)
+        if progress is None:
+            raise Transient(f"{self.scheme}: {op} got no answer in {timeout:g}s")
+        raise Transient(f"{self.scheme}: {op} moved no data for {timeout:g}s")
 
     def watch_reachability(self, callback: Callable[[bool], None]) -> None:
         """``callback(False)`` when the store stops answering, ``callback(True)`` when it
@@ -677,19 +777,23 @@ class Backend:
             return
         origin = out.tell()
 
+        progress = Progress()
+        watched = cast(BinaryIO, _Watched(out, progress))
+
         def attempt(k: str) -> None:
             out.seek(origin)
             out.truncate()
-            self._get_into(k, start, length, out, if_match)
+            self._get_into(k, start, length, watched, if_match)
 
         attempt.__name__ = "get"
-        await self._call(attempt, self.full_key(key))
+        await self._call(attempt, self.full_key(key), progress=progress)
 
     async def put(self, key: str, payload: Payload, metadata: dict[str, str] | None = None,
                   if_match: str | None = None, if_none_match: bool = False) -> str:
         self.validate_key(key)
-        return await self._call(self._put, self.full_key(key), payload, dict(metadata or {}),
-                                if_match, if_none_match)
+        progress = Progress()
+        return await self._call(self._put, self.full_key(key), payload.watched(progress),
+                                dict(metadata or {}), if_match, if_none_match, progress=progress)
 
     async def set_metadata(self, key: str, metadata: dict[str, str]) -> str:
         return await self._call(self._set_metadata, self.full_key(key), dict(metadata))
@@ -724,7 +828,9 @@ class Backend:
         return await self._call(self._mpu_create, self.full_key(key), dict(metadata or {}))
 
     async def mpu_part(self, key: str, upload_id: str, number: int, payload: Payload) -> PartInfo:
-        etag = await self._call(self._mpu_part, self.full_key(key), upload_id, number, payload)
+        progress = Progress()
+        etag = await self._call(self._mpu_part, self.full_key(key), upload_id, number,
+                                payload.watched(progress), progress=progress)
         return PartInfo(number, etag)
 
     async def mpu_part_copy(self, key: str, upload_id: str, number: int, src_key: str, start: int,

@@ -50,9 +50,11 @@ OPTIONS: dict[str, str] = {
     "transfers": "files uploaded in parallel (default 4)",
     "connections": "concurrent requests to the backend (default 16)",
     "retries": "attempts for a failing request before the call fails with EIO (default 6)",
-    "timeout": "seconds one request may take before it counts as failed (default 120)",
-    "metadata_timeout": "the same for requests that move no data (HEAD, LIST, DELETE), so a hung "
-                        "store is noticed quickly (default 10)",
+    "timeout": "seconds a transfer may go without moving a byte before it counts as failed; a "
+               "slow but steady one goes on (default 120)",
+    "metadata_timeout": "seconds a request that moves no data (HEAD, LIST, DELETE) may take in all; "
+                        "while the store does not answer, also how long any request may go "
+                        "without moving a byte, so a hung store is noticed quickly (default 10)",
     "content_type": "the Content-Type of every object written: `auto` (the default: from the name's "
                     "extension, as web servers do) or one fixed type for all, e.g. application/octet-stream",
     "log_file": "where the daemon logs (default: cloudfs.log in the cache directory)",

@@ -6,9 +6,11 @@ request is logged in ``requests`` (method, path with query, headers), and ``befo
 set, is called with that entry in the handler's thread before it is forwarded: a test
 can hold a request there (a slow store) until it has done what it wants meanwhile.
 After ``hang()``, requests are accepted and never answered (a hung store) until the proxy
-closes; between ``down()`` and ``up()`` each connection is dropped without an answer (a
-store gone away).  With ``tls`` (a server-side SSL context) it speaks HTTPS to its clients and
-plain HTTP to the upstream: a store behind a certificate of the test's own CA.
+closes; with ``trickle`` set to (bytes, seconds), answers' bodies go out that many bytes at a
+time with that pause between (a slow but moving link); between ``down()`` and ``up()`` each
+connection is dropped without an answer (a store gone away).  With ``tls`` (a server-side
+SSL context) it speaks HTTPS to its clients and plain HTTP to the upstream: a store behind a
+certificate of the test's own CA.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class FlakyProxy:
         self._down = threading.Event()
         self.dropped = 0
         self._closing = threading.Event()
+        self.trickle: tuple[int, float] | None = None
         self.requests: list[Request] = []
         proxy = self
 
@@ -102,8 +105,17 @@ class FlakyProxy:
                 length = resp.getheader("Content-Length") if self.command == "HEAD" else None
                 self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
-                if self.command != "HEAD":
+                if self.command == "HEAD":
+                    return
+                if proxy.trickle is None:
                     self.wfile.write(data)
+                    return
+                step, pause = proxy.trickle
+                for i in range(0, len(data), step):
+                    self.wfile.write(data[i:i + step])
+                    self.wfile.flush()
+                    if proxy._closing.wait(pause):
+                        return
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 

@@ -27,13 +27,19 @@ class Target:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def require(target: Target, feature: str) -> None:
-    """Skip the calling test where the target's store cannot do ``feature``: each test
-    server module lists what its store cannot do, and why, in ``DIVERGENCES`` (mirrored in
+def diverges(target: Target, feature: str) -> str | None:
+    """Why the target's store cannot do ``feature``, or None where it can: each test server
+    module lists what its store cannot do, and why, in ``DIVERGENCES`` (mirrored in
     docs/semantics.md)."""
+    reason: str | None = target.extra.get("divergences", {}).get(feature)
+    return reason
+
+
+def require(target: Target, feature: str) -> None:
+    """Skip the calling test where the target's store cannot do ``feature`` (:func:`diverges`)."""
     import pytest
 
-    reason = target.extra.get("divergences", {}).get(feature)
+    reason = diverges(target, feature)
     if reason:
         pytest.skip(f"{target.extra.get('server_name', target.backend)}: {reason}")
 

@@ -16,6 +16,7 @@ import json
 import logging
 import logging.handlers
 import os
+import re
 import shutil
 import signal
 import stat
@@ -61,6 +62,7 @@ class MountPlan:
     opts: MountOptions
     backend: Backend
     cache_dir: str
+    new_cache_dir: bool = False  # this mount made the cache directory (see ``mount``)
 
 
 def run_dir() -> str:
@@ -138,11 +140,12 @@ def prepare(url: str, mountpoint: str, option_text: list[str] | None) -> MountPl
         raise MountError("/dev/fuse is missing: load the fuse module (modprobe fuse) or install fuse3", 19)
     if os.getuid() != 0 and not shutil.which("fusermount3"):
         raise MountError("fusermount3 not found: install the fuse3 package", 19)
+    new_cache_dir = not os.path.lexists(cache_dir)
     try:
         check_paths(opts, cache_dir)
     except ConfigError as exc:
         raise MountError(str(exc), 2) from None
-    return MountPlan(url, mountpoint, opts, backend, cache_dir)
+    return MountPlan(url, mountpoint, opts, backend, cache_dir, new_cache_dir)
 
 
 LOG_BYTES = 10 * 1024 * 1024  # the log rotates at this size, keeping LOG_BACKUPS old files
@@ -253,7 +256,28 @@ def setup_logging(opts: MountOptions, cache_dir: str, foreground: bool) -> None:
 
 
 def mount(plan: MountPlan, foreground: bool) -> int:
-    """Mount; in the background unless ``foreground``. Returns the exit code."""
+    """Mount; in the background unless ``foreground``. Returns the exit code.  A mount that
+    fails before it is ready leaves no cache directory it made itself behind."""
+    try:
+        return _mount(plan, foreground)
+    except MountError:
+        if plan.new_cache_dir:
+            _remove_unused(plan.cache_dir)
+        raise
+
+
+# What a mount that failed before it was ready may have put in a cache directory: the backend's
+# state, its log.  Anything else (a file's record, cache.json) means it is in use: it stays.
+_BEFORE_READY = re.compile(r"backend|cloudfs\.log(\.\d+)?")
+
+
+def _remove_unused(cache_dir: str) -> None:
+    with contextlib.suppress(OSError):
+        if all(_BEFORE_READY.fullmatch(name) for name in os.listdir(cache_dir)):
+            shutil.rmtree(cache_dir)
+
+
+def _mount(plan: MountPlan, foreground: bool) -> int:
     os.makedirs(plan.cache_dir, mode=0o700, exist_ok=True)
     if foreground:
         setup_logging(plan.opts, plan.cache_dir, True)

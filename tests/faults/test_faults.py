@@ -435,14 +435,20 @@ def test_cli_errors(tmp_path: Path, moto) -> None:  # type: ignore[no-untyped-de
         assert r.returncode == code, (args, r.stderr)
         assert text in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # one line, no traceback
-    # a missing bucket on a live store
+    # a missing bucket on a live store; the failed mount leaves no cache directory behind
     r = cli("mount", "s3://no-such-bucket", mnt, "-o", f"cache_dir={tmp_path / 'c2'}", env=target.env)
     assert r.returncode == 1 and "no-such-bucket" in r.stderr, r.stderr
+    assert not (tmp_path / "c2").exists()
     # no credentials at all: a clear message, and no secret in it
     env = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
            "AWS_CONFIG_FILE": "/dev/null", "AWS_ENDPOINT_URL_S3": target.env["AWS_ENDPOINT_URL_S3"]}
     r = cli("mount", "s3://faults", mnt, "-o", f"cache_dir={tmp_path / 'c3'}", env=env)
     assert r.returncode == 1 and "credential" in r.stderr.lower(), r.stderr
+    assert not (tmp_path / "c3").exists()
+    # a cache directory that was there before stays, whatever it holds
+    (tmp_path / "c4").mkdir(mode=0o700)
+    r = cli("mount", "s3://no-such-bucket", mnt, "-o", f"cache_dir={tmp_path / 'c4'}", env=target.env)
+    assert r.returncode == 1 and (tmp_path / "c4").is_dir()
     assert not mounted(tmp_path / "mnt")
 
 

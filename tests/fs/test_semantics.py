@@ -332,3 +332,21 @@ def test_umount_shows_upload_progress_on_a_terminal(slow: Mount) -> None:
         assert proc.wait(timeout=300) == 0, out
     assert b"uploading before unmount" in out, out
     assert stored(slow.target, "big") == data
+
+
+def test_a_listing_has_dot_and_dotdot_with_the_folders_own_inode_numbers(target: Target, tmp_path: Path
+                                                                         ) -> None:
+    m = Mount(target, tmp_path / "mnt", tmp_path / "cache")
+    m.start()
+    try:
+        (m.path / "d").mkdir()
+        (m.path / "d" / "f").write_bytes(b"x")
+        out = subprocess.run(["ls", "-1ai", str(m.path / "d")], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+        listed = {name: int(ino) for ino, name in (line.split(None, 1) for line in out.splitlines())}
+        assert sorted(listed) == [".", "..", "f"]
+        assert listed["."] == os.stat(m.path / "d").st_ino
+        assert listed[".."] == os.stat(m.path).st_ino
+        assert listed["f"] == os.stat(m.path / "d" / "f").st_ino
+    finally:
+        m.cleanup()

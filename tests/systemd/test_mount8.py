@@ -322,8 +322,9 @@ def user_mount_diagnostics(mnt: Path) -> str:
     return "\n".join(lines)
 
 
-def test_a_user_mount_from_fstab_by_a_non_root_user(sbin_helper, tmp_path):
-    """An fstab line with `user` lets uid 65534 run `mount MOUNTPOINT`: mount(8) runs the helper
+@pytest.mark.parametrize("who", ["user", "users"])
+def test_a_user_mount_from_fstab_by_a_non_root_user(sbin_helper, tmp_path, who):
+    """An fstab line with `user` (or `users`) lets uid 65534 run `mount MOUNTPOINT`: mount(8) runs the helper
     as that user, the mount goes through fusermount3, the user reads and writes through it and
     `cloudfs umount` (as the user) uploads and unmounts.  For that the user needs /dev/fuse
     (0666 on Debian, 0600 in some containers) and the installation's interpreter reachable:
@@ -338,7 +339,7 @@ def test_a_user_mount_from_fstab_by_a_non_root_user(sbin_helper, tmp_path):
         os.chown(d, NOBODY, NOBODY)
     python = Path(os.path.realpath(sys.executable))
     reach = {p: 0o001 for p in python.parents if not stat.S_IMODE(p.stat().st_mode) & 0o001}
-    line = f"file://{b} {mnt} cloudfs user,noauto,cache_dir={cache},cache_size=64M,min_free=0 0 0"
+    line = f"file://{b} {mnt} cloudfs {who},noauto,cache_dir={cache},cache_size=64M,min_free=0 0 0"
     try:
         with fstab_line(line), modes_granted({Path("/dev/fuse"): 0o066, **reach}):
             rc, out = run_logged([*AS_NOBODY, "mount", "-v", str(mnt)], tmp_path)

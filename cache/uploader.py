@@ -99,6 +99,7 @@ class Uploader:
         self._rounds = MultiLock()
         self._ours: set[str] = set()  # ids of the multipart uploads this process created or resumed
         self.sent_bytes = 0  # bytes sent in PUTs and parts (copies server-side not counted)
+        self._synced_at = float("-inf")  # the last ``sync``: files changed before it upload whole
         # Whether the store checks each kind of PUT condition ("if_match", "if_none_match"):
         # True trusted, False not (ask with a HEAD first), None not yet seen (see the module doc).
         caps = backend.capabilities
@@ -112,6 +113,12 @@ class Uploader:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.queue.run, self._store)
             task_status.started()
+
+    def sync(self) -> None:
+        """``cloudfs sync``: every pending file goes up now, in a whole round, however recently
+        it changed (a file changed after this call waits for the write-back delay as usual)."""
+        self._synced_at = time.monotonic()
+        self.queue.retry_now()
 
     def pressure(self) -> None:
         """Writers wait for cache space: upload everything now (a file still open stages
@@ -127,6 +134,8 @@ class Uploader:
         idle = time.monotonic() - file.last_change
         settles_in = self.queue.delay - idle
         streaming = file.open_upload is not None and idle < STREAM_IDLE
+        if file.last_change <= self._synced_at:  # ``cloudfs sync`` asked for it: as if settled
+            settles_in, streaming = 0.0, False
         if not self.cache.stalled and (settles_in > 0 or (file.opens and (self.cache.waiting or streaming))):
             # Still being written: it changed within the write-back delay, or it is open and
             # its writer may be the one waiting for cache space, or it is open and streams

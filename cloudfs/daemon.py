@@ -386,7 +386,7 @@ def _serve(plan: MountPlan, ready_fd: int | None, detach: bool) -> int:
                 nursery.start_soon(status.serve, status.socket_path(pid_file(plan.mountpoint)),
                                    lambda: status.snapshot(plan.backend, cache, uploader, mount.queue,
                                                            plan.mountpoint, log_at),
-                                   mount.queue.retry_now)
+                                   uploader.sync)
                 await trio.sleep(0)
                 _write_pid(plan.mountpoint)
                 _report(ready_fd, "ready")

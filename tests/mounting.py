@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from cloudfs.daemon import is_mounted
 from tests.servers import Target
@@ -130,3 +136,40 @@ class DirSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def on_a_terminal(args: list[str], env: dict[str, str], timeout: float = 120) -> bytes:
+    """What ``args`` writes to a 100-column terminal (a pty) it runs on, and its exit code 0;
+    killed (and the test failed) if it takes more than ``timeout``."""
+    master, terminal = os.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen(args, env=env, stdin=terminal, stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    out = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the terminal's last user is gone
+                break
+            if not chunk:
+                break
+            out += chunk
+        else:
+            proc.kill()
+            pytest.fail(f"{args} still running after {timeout}s; its last output: {out[-300:]!r}")
+    finally:
+        os.close(master)
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+    assert code == 0, out[-1000:]
+    return out
+

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import cloudfs
-from tests.mounting import CLOUDFS, Mount, mounted
+from tests.mounting import CLOUDFS, Mount, mounted, on_a_terminal
 from tests.servers import Target
 
 
@@ -195,3 +195,41 @@ def test_url_spellings_share_the_default_cache_dir(target: Target, tmp_path: Pat
         for d in dirs:  # the default cache dirs of this test's own bucket
             shutil.rmtree(d, ignore_errors=True)
     assert len(dirs) == 1, dirs
+
+
+def test_sync_shows_upload_progress_on_a_terminal_only(local_target: Target, tmp_path: Path) -> None:
+    """With the write-back delay an hour away, ``cloudfs sync`` uploads a file of several parts
+    whole (it once sent only its whole parts and then waited for the delay)."""
+    m = Mount(local_target, tmp_path / "mnt", tmp_path / "cache",
+              {"writeback_delay": "1h", "block_size": "1M"})
+    with cleared(m.path):
+        m.start()
+        data = os.urandom(3 * 1024 * 1024 + 5)
+        (m.path / "on-tty").write_bytes(data)
+        out = on_a_terminal([CLOUDFS, "sync", str(m.path)], m.env)
+        assert b"cloudfs: uploading" in out and b"100%" in out, out[-1000:]
+        assert (local_target.extra["root"] / "on-tty").read_bytes() == data
+        (m.path / "piped").write_bytes(data)
+        r = cli("sync", str(m.path), env=m.env)
+        assert r.returncode == 0 and r.stderr == "" and r.stdout == "", r  # no bar, nothing at all
+        assert (local_target.extra["root"] / "piped").read_bytes() == data
+        m.stop()
+
+
+def test_warm_shows_progress_on_a_terminal_only(local_target: Target, tmp_path: Path) -> None:
+    root = local_target.extra["root"]
+    size = 3 * 1024 * 1024 + 5
+    for name in ("a", "b"):
+        (root / name).write_bytes(os.urandom(size))
+    m = Mount(local_target, tmp_path / "mnt", tmp_path / "cache", {"block_size": "1M"})
+    with cleared(m.path):
+        m.start()
+        out = on_a_terminal([CLOUDFS, "warm", str(m.path / "a")], m.env)
+        assert b"cloudfs: warming" in out and b"100%" in out, out[-1000:]
+        assert f"warmed 1 file(s), {size} bytes".encode() in out, out
+        r = cli("warm", str(m.path / "b"), env=m.env)
+        assert r.returncode == 0 and r.stdout == "", r
+        assert r.stderr.splitlines() == [f"warmed 1 file(s), {size} bytes"], r.stderr  # no bar
+        st = json.loads(cli("status", str(m.path), "--json").stdout)
+        assert st["cache"]["fetches"] == 8  # both files' 4 blocks: the warms read them
+        m.stop()

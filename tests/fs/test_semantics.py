@@ -9,12 +9,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import os
 import stat
-import struct
 import subprocess
-import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +24,7 @@ from cloudfs.backends import open_backend
 from cloudfs.daemon import _alive
 from tests.fs.test_data_path import put_object, status
 from tests.fs.test_integrity import stored, stored_keys
-from tests.mounting import CLOUDFS, Mount, mounted
+from tests.mounting import CLOUDFS, Mount, mounted, on_a_terminal
 from tests.servers import Target
 
 pytestmark = pytest.mark.backends("local", "s3")
@@ -312,24 +309,7 @@ def test_umount_shows_upload_progress_on_a_terminal(slow: Mount) -> None:
     data = os.urandom(96 * MiB)  # enough that the upload is still running when umount polls
     (slow.path / "big").write_bytes(data)
     assert status(slow)["uploads"]["pending_bytes"] == len(data)
-    master, terminal = os.openpty()
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column tty
-    proc = subprocess.Popen([CLOUDFS, "umount", str(slow.path)], env=slow.env,
-                            stdin=terminal, stdout=terminal, stderr=terminal)
-    os.close(terminal)
-    out = b""
-    try:
-        while True:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:  # EIO: the terminal's last user is gone
-                break
-            if not chunk:
-                break
-            out += chunk
-    finally:
-        os.close(master)
-        assert proc.wait(timeout=300) == 0, out
+    out = on_a_terminal([CLOUDFS, "umount", str(slow.path)], slow.env, timeout=300)
     assert b"uploading before unmount" in out, out
     assert stored(slow.target, "big") == data
 

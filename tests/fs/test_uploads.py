@@ -10,12 +10,15 @@ nothing is asked first; elsewhere (B2, Swift) a HEAD comes first.  Request count
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
+import pytest
 import trio
 
 from cloudfs.backends import open_backend
+from cloudfs.status import size_text
 from tests.fs.test_integrity import put_other, stored, stored_keys
 from tests.fs.test_integrity_store import status, wait_uploaded
 from tests.mounting import CLOUDFS, Mount
@@ -176,5 +179,46 @@ def test_a_file_deleted_on_the_server_meanwhile_goes_up_from_local_data(target: 
         _sync(m)
         assert stored(target, "doc") == b"ours"
         assert not _conflict_copies(target, "doc"), stored_keys(target)
+    finally:
+        m.cleanup()
+
+
+@pytest.mark.backends("local", "s3")
+def test_a_one_byte_change_of_a_multipart_file_uploads_about_one_part(target: Target, tmp_path: Path
+                                                                      ) -> None:
+    """A file of four parts and a bit, stored; after a remount one byte of its second part is
+    changed: that part is sent again and the rest copied server-side, so ``cloudfs status``
+    counts one part uploaded (it once said the whole file's size)."""
+    m = Mount(target, tmp_path / "mnt", tmp_path / "cache",
+              {"writeback_delay": "3600", "block_size": "1M"})
+    backend = open_backend(target.url, target.options)
+    try:
+        part = backend.part_size_for(0, 1024 * 1024)  # 1 MiB, or the store's minimum part
+    finally:
+        backend.close()
+    size = 4 * part + 5
+    data = bytearray(os.urandom(size))
+    m.start()
+    try:
+        (m.path / "big").write_bytes(data)
+        _sync(m)
+        assert status(m)["uploads"]["uploaded_bytes"] == size
+        m.remount()  # a fresh count; the file's blocks stay in the cache directory
+        before = status(m)["requests"]
+        at = part + 123
+        data[at] = 0 if data[at] else 1  # one byte, changed
+        with open(m.path / "big", "r+b") as f:
+            f.seek(at)
+            f.write(data[at:at + 1])
+        _sync(m)
+        snap = status(m)
+        sent = {op: _sent(before, snap["requests"], op) for op in ("put", "mpu_part", "mpu_part_copy")}
+        assert sent == {"put": 0, "mpu_part": 1, "mpu_part_copy": 4}, snap["requests"]
+        assert snap["uploads"]["uploaded_bytes"] == part, snap["uploads"]
+        text = subprocess.run([CLOUDFS, "status", str(m.path)], capture_output=True, text=True,
+                              timeout=30, check=True).stdout
+        assert f"uploads: 0 file(s) pending (0 bytes), {size_text(part)} uploaded" in text, text
+        m.stop()
+        assert stored(target, "big") == bytes(data)
     finally:
         m.cleanup()

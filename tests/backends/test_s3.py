@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import pytest
 import trio
 
-from cloudfs.backends import Payload, open_backend
+from cloudfs.backends import Payload, open_backend, s3_fast
 from cloudfs.backends.base import RetryPolicy
 from cloudfs.backends.errors import (
     AuthenticationFailed,
@@ -28,6 +32,7 @@ from cloudfs.backends.errors import (
 )
 from cloudfs.backends.s3 import S3Backend
 from tests.servers import Target
+from tests.servers.flaky_proxy import FlakyProxy, Request
 from tests.servers.process import free_port
 from tests.servers.s3 import start_moto
 
@@ -378,6 +383,17 @@ def record_headers(backend: S3Backend) -> list[tuple[str, dict[str, str]]]:
     return sent
 
 
+def put_in_parts(b: S3Backend, key: str, body: bytes) -> None:
+    """``body`` stored as a multipart upload of one part."""
+
+    async def multipart() -> None:
+        uid = await b.mpu_create(key, {})
+        part = await b.mpu_part(key, uid, 1, Payload.from_bytes(body))
+        await b.mpu_complete(key, uid, [part])
+
+    run(multipart)
+
+
 def test_write_settings_reach_every_object(backend_name: str, target: Target) -> None:
     """storage_class, sse=s3 and acl go on PUT, multipart create and copy (a rename), and the
     Content-Type follows the name."""
@@ -387,12 +403,7 @@ def test_write_settings_reach_every_object(backend_name: str, target: Target) ->
     try:
         run(b.put, "site/index.html", Payload.from_bytes(b"<html/>"), {"mode": "33188"})
 
-        async def multipart() -> None:
-            uid = await b.mpu_create("big.jpg", {})
-            part = await b.mpu_part("big.jpg", uid, 1, Payload.from_bytes(b"j" * 100))
-            await b.mpu_complete("big.jpg", uid, [part])
-
-        run(multipart)
+        put_in_parts(b, "big.jpg", b"j" * 100)
         run(b.copy, "site/index.html", "site/moved.txt", {"mode": "33188"})
         run(b.copy, "big.jpg", "kept.bin")  # metadata kept: so is the Content-Type
     finally:
@@ -413,9 +424,6 @@ def test_requester_pays_and_customer_key_go_on_every_request(backend_name: str, 
                                                              tmp_path: Path) -> None:
     """moto neither bills nor encrypts, so this checks what is sent: the request-payer header
     on every request, the SSE-C key (as its MD5) on every one that reads or writes data."""
-    import base64
-    import hashlib
-
     key = os.urandom(32)
     key_file = tmp_path / "sse.key"
     key_file.write_bytes(base64.b64encode(key) + b"\n")
@@ -485,3 +493,85 @@ def test_tls_options_reach_the_client(backend_name: str, target: Target, tmp_pat
             assert b.client._endpoint.http_session._verify == verify
         finally:
             b.close()
+
+
+@contextlib.contextmanager
+def on_the_wire(target: Target, options: dict[str, str]) -> Iterator[tuple[S3Backend, list[Request]]]:
+    """A backend with ``options`` whose every request (the lean path's and boto3's alike) is
+    logged, with its headers, by a proxy in front of the store."""
+    upstream = urlsplit(target.extra["endpoint"]).port
+    assert upstream
+    with FlakyProxy(upstream, fail_every=0) as proxy:
+        b = open_backend(target.url, {**options, "endpoint": f"http://127.0.0.1:{proxy.port}"})
+        assert isinstance(b, S3Backend)
+        try:
+            yield b, proxy.requests
+        finally:
+            b.close()
+
+
+def operation(request: Request) -> str:
+    """The S3 operation of a logged request, from its method, query and headers."""
+    query = urlsplit(request.path).query
+    if request.method == "PUT":
+        if "partNumber=" in query:
+            return "UploadPartCopy" if request.header("x-amz-copy-source") else "UploadPart"
+        return "CopyObject" if request.header("x-amz-copy-source") else "PutObject"
+    if request.method == "POST":
+        return "CompleteMultipartUpload" if "uploadId=" in query else "CreateMultipartUpload"
+    return {"GET": "ListObjectsV2" if "list-type=2" in query else "GetObject", "HEAD": "HeadObject",
+            "DELETE": "DeleteObject"}.get(request.method, request.method)
+
+
+def _write_every_way(b: S3Backend) -> None:
+    """A small PUT (the lean path), a large one (boto3), a multipart upload and a copy."""
+    run(b.put, "small", Payload.from_bytes(b"s" * 100), {"mode": "33188"})
+    run(b.put, "large", Payload.from_bytes(b"l" * (s3_fast.PUT_MAX + 1)), {"mode": "33188"})
+    put_in_parts(b, "parts", b"p" * 100)
+    run(b.copy, "small", "copied", {"mode": "33188"})
+
+
+def test_sse_kms_headers_go_on_every_write_the_lean_path_too(backend_name: str, target: Target) -> None:
+    """sse=kms with sse_kms_key_id: the KMS headers on PutObject (a small one through s3_fast,
+    a large one through boto3), CreateMultipartUpload and CopyObject, as the store receives them."""
+    key_id = "arn:aws:kms:us-east-1:123456789012:key/cloudfs-test-key"
+    with on_the_wire(target, {"sse": "kms", "sse_kms_key_id": key_id}) as (b, sent):
+        through_boto3 = record_headers(b)
+        _write_every_way(b)
+        assert b._fast is not None  # the lean path serves this configuration
+    assert [op for op, _ in through_boto3].count("PutObject") == 1  # only the large one
+    writes = [r for r in sent if operation(r) in ("PutObject", "CreateMultipartUpload", "CopyObject")]
+    assert sorted(operation(r) for r in writes) == ["CopyObject", "CreateMultipartUpload", "PutObject",
+                                                    "PutObject"]
+    for r in writes:
+        assert r.header("x-amz-server-side-encryption") == "aws:kms", (operation(r), r.path)
+        assert r.header("x-amz-server-side-encryption-aws-kms-key-id") == key_id, (operation(r), r.path)
+    for r in sent:
+        if operation(r) not in ("PutObject", "CreateMultipartUpload", "CopyObject"):
+            assert r.header("x-amz-server-side-encryption") is None, (operation(r), r.path)
+
+
+def test_sse_c_customer_key_goes_on_parts_reads_and_writes(backend_name: str, target: Target,
+                                                           tmp_path: Path) -> None:
+    """sse=c: the customer key (algorithm, key, its MD5) on PutObject, CreateMultipartUpload,
+    UploadPart, CopyObject (for the source too), GetObject and HeadObject, as the store receives them."""
+    key = os.urandom(32)
+    key_file = tmp_path / "sse.key"
+    key_file.write_bytes(key)
+    key_file.chmod(0o600)
+    with on_the_wire(target, {"sse": "c", "sse_c_key_file": str(key_file)}) as (b, sent):
+        _write_every_way(b)
+        assert run(b.get_range, "parts") == b"p" * 100
+        assert run(b.head, "copied").size == 100
+        assert b._fast is None  # SSE-C takes boto3 for every call
+    ops = [operation(r) for r in sent]
+    keyed = ("PutObject", "CreateMultipartUpload", "UploadPart", "CopyObject", "GetObject", "HeadObject")
+    assert set(keyed) <= set(ops), ops
+    md5 = base64.b64encode(hashlib.md5(key).digest()).decode()
+    for r in sent:
+        if operation(r) in keyed:
+            assert r.header("x-amz-server-side-encryption-customer-algorithm") == "AES256", operation(r)
+            assert r.header("x-amz-server-side-encryption-customer-key") == base64.b64encode(key).decode()
+            assert r.header("x-amz-server-side-encryption-customer-key-md5") == md5, operation(r)
+        if operation(r) == "CopyObject":
+            assert r.header("x-amz-copy-source-server-side-encryption-customer-key-md5") == md5

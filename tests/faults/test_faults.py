@@ -192,6 +192,41 @@ def test_hung_store_fails_with_eio_and_one_clear_line(moto, tmp_path: Path) -> N
             m.kill()
 
 
+def test_offline_an_uncached_read_from_a_hung_store_fails_within_the_metadata_timeout(
+        moto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Once the mount is offline, a read of data that is not cached is one attempt within the
+    short ``metadata_timeout``, even while the store hangs (TCP accepted, no answer), not a
+    transfer's ``-o timeout`` times its retries."""
+    _proc, target = moto
+    target.sdk.put_object(Bucket="faults", Key="first", Body=b"puts the mount offline")
+    target.sdk.put_object(Bucket="faults", Key="second", Body=os.urandom(MiB))
+    with proxied(target, fail_every=0) as (proxy, via):
+        m = Mount(via, tmp_path / "mnt", tmp_path / "cache",
+                  {"retries": "2", "timeout": "120", "metadata_timeout": "2"})
+        m.start()
+        try:
+            assert sorted(os.listdir(m.path)) == ["first", "second"]  # names and sizes known
+            proxy.down()
+            with pytest.raises(OSError) as exc:
+                (m.path / "first").read_bytes()
+            assert exc.value.errno == errno.EIO
+            assert json.loads(cli("status", "--json", str(m.path)).stdout)["offline_since"] is not None
+            proxy.hang()  # before up(): no request is answered between the two
+            proxy.up()
+            start = time.monotonic()
+            with pytest.raises(OSError) as exc:
+                (m.path / "second").read_bytes()
+            took = time.monotonic() - start
+            assert exc.value.errno == errno.EIO
+            assert took < 60, f"the read waited {took:.0f}s: the transfer timeout, not metadata_timeout"
+            assert proxy.hung >= 1  # it did ask the hung store
+            assert json.loads(cli("status", "--json", str(m.path)).stdout)["offline_since"] is not None
+            log = m.log()
+            assert "get moved no data for 2s" in log and "Traceback" not in log
+        finally:
+            m.kill()
+
+
 def test_offline_the_cache_keeps_serving_and_changes_go_up_when_the_store_is_back(
         moto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     _proc, target = moto

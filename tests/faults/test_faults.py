@@ -14,6 +14,7 @@ import re
 import signal
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -192,6 +193,41 @@ def test_hung_store_fails_with_eio_and_one_clear_line(moto, tmp_path: Path) -> N
             m.kill()
 
 
+def test_offline_an_uncached_read_from_a_hung_store_fails_within_the_metadata_timeout(
+        moto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Once the mount is offline, a read of data that is not cached is one attempt within the
+    short ``metadata_timeout``, even while the store hangs (TCP accepted, no answer), not a
+    transfer's ``-o timeout`` times its retries."""
+    _proc, target = moto
+    target.sdk.put_object(Bucket="faults", Key="first", Body=b"puts the mount offline")
+    target.sdk.put_object(Bucket="faults", Key="second", Body=os.urandom(MiB))
+    with proxied(target, fail_every=0) as (proxy, via):
+        m = Mount(via, tmp_path / "mnt", tmp_path / "cache",
+                  {"retries": "2", "timeout": "120", "metadata_timeout": "2"})
+        m.start()
+        try:
+            assert sorted(os.listdir(m.path)) == ["first", "second"]  # names and sizes known
+            proxy.down()
+            with pytest.raises(OSError) as exc:
+                (m.path / "first").read_bytes()
+            assert exc.value.errno == errno.EIO
+            assert json.loads(cli("status", "--json", str(m.path)).stdout)["offline_since"] is not None
+            proxy.hang()  # before up(): no request is answered between the two
+            proxy.up()
+            start = time.monotonic()
+            with pytest.raises(OSError) as exc:
+                (m.path / "second").read_bytes()
+            took = time.monotonic() - start
+            assert exc.value.errno == errno.EIO
+            assert took < 60, f"the read waited {took:.0f}s: the transfer timeout, not metadata_timeout"
+            assert proxy.hung >= 1  # it did ask the hung store
+            assert json.loads(cli("status", "--json", str(m.path)).stdout)["offline_since"] is not None
+            log = m.log()
+            assert "get moved no data for 2s" in log and "Traceback" not in log
+        finally:
+            m.kill()
+
+
 def test_offline_the_cache_keeps_serving_and_changes_go_up_when_the_store_is_back(
         moto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     _proc, target = moto
@@ -230,6 +266,57 @@ def test_offline_the_cache_keeps_serving_and_changes_go_up_when_the_store_is_bac
             m.cleanup()
     got = {k: target.sdk.get_object(Bucket="faults", Key=k)["Body"].read() for k in ("d/new", "d/cached")}
     assert got == {"d/new": b"written while offline", "d/cached": b"read while offline, appended"}
+
+
+def test_offline_writes_beyond_the_cache_wait_and_all_go_up_when_the_store_is_back(
+        moto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Offline, a file three times the cache is accepted up to the cache's size; its writer
+    then waits (back-pressure: no error, the cache stays within ``cache_size``) and goes on
+    once the store answers, and every byte reaches the store.  (ENOSPC comes only after the
+    cache's 10-minute stall timeout: `test_writers_get_enospc_only_when_no_upload_finishes`.)"""
+    _proc, target = moto
+    target.sdk.put_object(Bucket="faults", Key="remote", Body=b"puts the mount offline")
+    data = os.urandom(24 * MiB)
+    (tmp_path / "src").write_bytes(data)
+    # The writer is a process of its own: with a thread of the test's process blocked in
+    # the mount's fsync, the test itself stalled before it could bring the store back.
+    copy = ("import os, shutil, sys\n"
+            "with open(sys.argv[1], 'rb') as src, open(sys.argv[2], 'wb') as dst:\n"
+            "    shutil.copyfileobj(src, dst, 1 << 20); dst.flush(); os.fsync(dst.fileno())\n")
+
+    with proxied(target, fail_every=0) as (proxy, via):
+        m = Mount(via, tmp_path / "mnt", tmp_path / "cache",
+                  {"retries": "2", "cache_size": "8M", "block_size": "1M"})
+        m.start()
+        writer: subprocess.Popen[str] | None = None
+        try:
+            assert os.listdir(m.path) == ["remote"]
+            proxy.down()
+            with pytest.raises(OSError) as exc:
+                (m.path / "remote").read_bytes()
+            assert exc.value.errno == errno.EIO
+            writer = subprocess.Popen([sys.executable, "-c", copy, str(tmp_path / "src"),
+                                       str(m.path / "big")], stderr=subprocess.PIPE, text=True)
+            log = tmp_path / "cache" / "cloudfs.log"
+            end = time.monotonic() + 60
+            while "writers waited 10s for cache space" not in log.read_text(errors="replace"):
+                assert time.monotonic() < end and writer.poll() is None, m.log()
+                time.sleep(0.2)
+            assert writer.poll() is None  # waiting: no error
+            st = json.loads(cli("status", "--json", str(m.path), timeout=30).stdout)
+            assert st["offline_since"] is not None
+            assert 0 < st["cache"]["used_bytes"] <= st["cache"]["max_bytes"] == 8 * MiB
+            assert st["uploads"]["pending_files"] == 1
+            proxy.up()  # the next probe finds it; the queued upload and the writer go on
+            assert writer.wait(timeout=120) == 0, (writer.stderr.read() if writer.stderr else "", m.log())
+            m.stop()
+        finally:
+            if writer is not None and writer.poll() is None:
+                writer.kill()
+            m.cleanup()  # kills the mount if it still waits: the writer's fsync returns then
+            if writer is not None:
+                writer.wait(timeout=30)
+    assert target.sdk.get_object(Bucket="faults", Key="big")["Body"].read() == data
 
 
 def _wait_for_backoff(log: Path, tries: int, files: int, deadline: float = 90) -> None:

@@ -4,6 +4,7 @@ cause), and `cloudfs status` of every mount, and the cache directory housekeepin
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cloudfs.status import render
+from tests.faults.test_faults import proxied
 from tests.mounting import CLOUDFS, Mount
 from tests.servers import Target
 
@@ -125,6 +127,47 @@ def test_status_without_a_mountpoint_lists_every_mount(local_target: Target, tmp
     finally:
         for m in mounts:
             m.cleanup()
+
+
+def test_offline_shows_in_the_metrics_and_in_the_status_of_every_mount(
+        moto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """While the store does not answer, ``cloudfs_offline`` is 1 and `cloudfs status --json`
+    (all mounts) gives ``offline_since``; the first answer sets both back."""
+    _proc, target = moto
+    target.sdk.put_object(Bucket="faults", Key="remote", Body=b"not cached")
+    port = free_port()
+    with proxied(target, fail_every=0) as (proxy, via):
+        m = Mount(via, tmp_path / "mnt", tmp_path / "cache", {"metrics": f"127.0.0.1:{port}", "retries": "2"})
+        m.start()
+        try:
+            assert os.listdir(m.path) == ["remote"]
+            got = scrape(port)
+            assert got[("cloudfs_offline", ())] == 0
+            assert every_mount()[str(m.path)]["offline_since"] is None
+            proxy.down()
+            with pytest.raises(OSError) as exc:
+                (m.path / "remote").read_bytes()  # not cached: the fetch fails past its retries
+            assert exc.value.errno == errno.EIO
+            got = scrape(port)
+            assert got[("cloudfs_offline", ())] == 1
+            failed = {k: v for k, v in got.items()
+                      if k[0] == "cloudfs_backend_requests_total" and ("result", "ok") not in k[1]}
+            assert sum(failed.values()) >= 2, failed  # the first attempt and its retry
+            st = every_mount()[str(m.path)]
+            assert st["offline_since"] is not None and st["backend"].startswith("s3://faults/")
+            proxy.up()
+            assert (m.path / "remote").read_bytes() == b"not cached"  # the answer ends offline mode
+            assert scrape(port)[("cloudfs_offline", ())] == 0
+            assert every_mount()[str(m.path)]["offline_since"] is None
+        finally:
+            m.cleanup()
+
+
+def every_mount() -> dict[str, dict[str, Any]]:
+    """`cloudfs status --json` with no mountpoint, by mountpoint."""
+    out = subprocess.run([CLOUDFS, "status", "--json"], capture_output=True, text=True, timeout=30,
+                         check=True)
+    return {st["mountpoint"]: st for st in json.loads(out.stdout)}
 
 
 def test_status_text_says_offline_since_and_what_is_queued() -> None:

@@ -314,8 +314,8 @@ def test_umount_shows_upload_progress_on_a_terminal(slow: Mount) -> None:
     assert stored(slow.target, "big") == data
 
 
-def test_a_listing_has_dot_and_dotdot_with_the_folders_own_inode_numbers(target: Target, tmp_path: Path
-                                                                         ) -> None:
+def test_a_listing_has_dot_and_dotdot_with_the_folders_own_inode_numbers(
+        target: Target, tmp_path: Path) -> None:
     m = Mount(target, tmp_path / "mnt", tmp_path / "cache")
     m.start()
     try:

@@ -51,6 +51,7 @@ class WritebackQueue:
         # When each queued id was queued (until its store() call ends it): the resume order.
         self._order: dict[str, int] = {}
         self._resume: set[str] = set()  # ids ``resume`` retries in that order, not yet started
+        self._resume_heap: list[tuple[int, str]] = []  # (order, id) of them; may hold stale ones
         self._resuming = trio.Event()
         self._finished = trio.Event()  # set whenever a store() call returns
 
@@ -96,7 +97,9 @@ class WritebackQueue:
         self.errors.clear()
         for id in self._due.keys() | self._running:
             self._due.pop(id, None)
-            self._resume.add(id)
+            if id not in self._resume:
+                self._resume.add(id)
+                heapq.heappush(self._resume_heap, (self._order.get(id, -1), id))
         if self._resume:
             self._resuming.set()
 
@@ -137,11 +140,15 @@ class WritebackQueue:
         while True:
             await self._resuming.wait()
             while self._resume:
-                id = min(self._resume, key=lambda i: self._order.get(i, -1))
+                order, id = self._resume_heap[0]
+                if id not in self._resume or self._order.get(id, -1) != order:
+                    heapq.heappop(self._resume_heap)  # discarded, or queued again since
+                    continue
                 if id in self._running:  # a try from before: it goes again when that ends
                     self._finished = trio.Event()
                     await self._finished.wait()
                     continue
+                heapq.heappop(self._resume_heap)
                 self._resume.discard(id)
                 self._running.add(id)
                 await self._one(store, id)

@@ -42,9 +42,11 @@ from .errors import (
     ConfigError,
     InvalidName,
     NameTooLong,
+    NotFound,
     NotSupported,
     TokenExpired,
     Transient,
+    one_error,
 )
 
 log = logging.getLogger(__name__)
@@ -273,21 +275,41 @@ class Progress:
     attempt watches (``watch``), that pushes the attempt's deadline on, at most once per
     ``every`` seconds (so the deadline lags the last byte by less than that)."""
 
-    __slots__ = ("_every", "_push", "_pushed")
+    __slots__ = ("_every", "_push", "_pushed", "moves")
 
     def __init__(self) -> None:
         self._push: Callable[[], None] | None = None
         self._pushed = 0.0
         self._every = 0.0
+        self.moves = 0  # calls of ``moved`` so far (a resumable call's attempts, see _Streak)
 
     def watch(self, push: Callable[[], None] | None, every: float = 0.0) -> None:
         self._push, self._every, self._pushed = push, every, time.monotonic()
 
     def moved(self) -> None:
+        self.moves += 1
         push, now = self._push, time.monotonic()
         if push is not None and now - self._pushed >= self._every:
             self._pushed = now
             push()
+
+
+class _Streak:
+    """Which try in a row a failed attempt is, for the retry budget and the backoff.  For a
+    resumable call (an attempt keeps what it got done, the next goes on from there) an
+    attempt that moved its ``progress`` on starts the count again: the budget bounds
+    attempts that get nothing done, and the call as a whole stays bounded by its work."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self._progress = progress
+        self._seen = progress.moves if progress is not None else 0
+        self._base = 0
+
+    def tries(self, state: tenacity.RetryCallState) -> int:
+        if self._progress is not None and self._progress.moves != self._seen:
+            self._seen = self._progress.moves
+            self._base = state.attempt_number - 1
+        return state.attempt_number - self._base
 
 
 class _Watched:
@@ -407,12 +429,18 @@ class RetryPolicy:
     metadata_timeout: float = 10.0
 
 
+# Keys per worker-thread call of ``Backend.head_many``: enough to amortize the hop, few
+# enough that other requests get a connection slot between batches.
+HEAD_BATCH = 32
+
+
 def _ignore_reachability(up: bool) -> None:
     pass
 
 
 # Primitives that send and receive only a few kilobytes: they get ``metadata_timeout``.
-METADATA_OPS = frozenset({"check_bucket", "list_page", "head", "delete", "delete_after_move",
+# ``head_batch`` (``head_many``) gets it per answer: each HEAD answered pushes the deadline on.
+METADATA_OPS = frozenset({"check_bucket", "list_page", "head", "head_batch", "delete", "delete_after_move",
                           "mpu_create", "mpu_abort"})
 
 
@@ -582,7 +610,7 @@ class Backend:
             raise mapped from None  # drop the SDK traceback: it may hold signed URLs
 
     async def _call(self, fn: Callable[..., T], *args: Any, retry: bool = True,
-                    progress: Progress | None = None) -> T:
+                    progress: Progress | None = None, counted: bool = True, resumable: bool = False) -> T:
         """Run a primitive in a worker thread with the retry policy.
 
         Each attempt ends as failed (``Transient``) once its timeout passes: for a call with a
@@ -592,7 +620,10 @@ class Backend:
         ``Transient`` errors are retried with capped exponential backoff and jitter, at least
         as long as a ``Retry-After`` asked for; ``backoff=False`` ones at once.  A
         ``TokenExpired`` re-authorizes first (once per call: a second one means the fresh
-        token is refused too, which is an authentication failure).
+        token is refused too, which is an authentication failure).  Each attempt counts as one
+        request of its operation, unless ``counted`` is False (the caller counts what it sent).
+        A ``resumable`` call's attempts keep what they got done: only attempts in a row that
+        moved its ``progress`` nothing count against the retry budget (``_Streak``).
         """
         policy = self.retry
         op = getattr(fn, "__name__", "call").lstrip("_")
@@ -602,13 +633,16 @@ class Backend:
         timeout = min(policy.call_timeout, policy.metadata_timeout) if op in METADATA_OPS or offline \
             else policy.call_timeout
         attempts = policy.attempts if retry and not offline else 1
+        streak = _Streak(progress if resumable else None)
 
         def wait(state: tenacity.RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
             if isinstance(exc, Transient) and not exc.backoff:
                 return 0.0
+            counted_state = copy.copy(state)
+            counted_state.attempt_number = streak.tries(state)
             delay = tenacity.wait_random_exponential(multiplier=policy.initial_delay,
-                                                     max=policy.max_delay)(state)
+                                                     max=policy.max_delay)(counted_state)
             if isinstance(exc, Transient) and exc.retry_after:
                 delay = max(delay, min(exc.retry_after, policy.max_delay))
             return delay
@@ -616,18 +650,18 @@ class Backend:
         def before_sleep(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             log.warning("%s: %s failed (%s), retry %d/%d", self.describe(), op, exc,
-                        state.attempt_number, attempts - 1)
+                        streak.tries(state), attempts - 1)
 
         retrying = tenacity.AsyncRetrying(
             sleep=trio.sleep,
-            stop=tenacity.stop_after_attempt(attempts),
+            stop=lambda state: streak.tries(state) >= attempts,
             wait=wait,
             retry=tenacity.retry_if_exception_type(Transient),
             before_sleep=before_sleep,
             reraise=True,
         )
         try:
-            result = await self._attempts(fn, args, op, timeout, retrying, progress)
+            result = await self._attempts(fn, args, op, timeout, retrying, progress, counted)
         except Transient:
             if retry:  # the whole retry policy failed (a call without retries proves little)
                 self._reachable(False)
@@ -639,10 +673,11 @@ class Backend:
         return result
 
     async def _attempts(self, fn: Callable[..., T], args: tuple[Any, ...], op: str, timeout: float,
-                        retrying: tenacity.AsyncRetrying, progress: Progress | None) -> T:
+                        retrying: tenacity.AsyncRetrying, progress: Progress | None, counted: bool) -> T:
         renewed = False
         async for attempt in retrying:
-            self.requests[op] += 1
+            if counted:
+                self.requests[op] += 1
             generation = self._auth_generation
             with attempt:
                 started = time.monotonic()
@@ -763,6 +798,52 @@ class Backend:
 
     async def head(self, key: str) -> ObjectInfo:
         return _strip(await self._call(self._head, self.full_key(key)), len(self.prefix))
+
+    async def head_many(self, keys: Sequence[str], parallel: int) -> dict[str, ObjectInfo]:
+        """HEAD of every key, by key; a key the store does not hold is left out.
+
+        The keys go in batches of up to ``HEAD_BATCH``, each batch one worker-thread call that
+        sends its HEADs one after another, ``parallel`` batches at a time.  A thread hop and
+        its retry and timeout machinery cost about as much CPU as the HEAD itself, so a cold
+        listing's thousand HEADs take a few dozen of them instead of a thousand.  Each batch
+        is one resumable call under the retry policy: an attempt goes on at the first key
+        without an answer, only attempts that answer nothing count against the retry budget,
+        and an attempt's timeout counts from the last answer, not from the batch's start.
+        Every HEAD sent counts as one ``head`` request."""
+        full = [self.full_key(k) for k in keys]
+        parallel = max(1, parallel)
+        size = max(1, min(HEAD_BATCH, -(-len(full) // parallel)))
+        answers: dict[str, ObjectInfo | None] = {}
+        slots = trio.CapacityLimiter(parallel)
+
+        async def run(batch: Sequence[str]) -> None:
+            async with slots:
+                progress, sent = Progress(), collections.deque[str]()
+                try:
+                    await self._call(self._head_batch, batch, answers, sent, progress,
+                                     progress=progress, counted=False, resumable=True)
+                finally:
+                    self.requests["head"] += len(sent)
+
+        with one_error():
+            async with trio.open_nursery() as nursery:
+                for i in range(0, len(full), size):
+                    nursery.start_soon(run, full[i:i + size])
+        n = len(self.prefix)
+        return {info.key[n:]: _strip(info, n) for info in answers.values() if info is not None}
+
+    def _head_batch(self, keys: Sequence[str], answers: dict[str, ObjectInfo | None],
+                    sent: collections.deque[str], progress: Progress) -> None:
+        """In a worker thread: HEAD each key not yet in ``answers`` (None: not found)."""
+        for key in keys:
+            if key in answers:
+                continue  # answered by an earlier attempt of this batch
+            sent.append(key)
+            try:
+                answers[key] = self._guard(self._head, key)
+            except NotFound:
+                answers[key] = None
+            progress.moved()
 
     async def get_range(self, key: str, start: int = 0, length: int | None = None,
                         if_match: str | None = None) -> bytes:

@@ -46,7 +46,7 @@ class MetadataOptions:
     gid: int = field(default_factory=os.getgid)
     attr_timeout: float = 10.0
     dir_cache_time: float = 300.0
-    head_parallel: int = 32
+    head_parallel: int = 32  # batches of HEADs in flight for one listing page (Backend.head_many)
     dir_cache_entries: int = 100_000  # entries of all listings kept, together (an LRU)
     file_mode: int = layout.DEFAULT_FILE_MODE  # of objects whose metadata has no mode
     dir_mode: int = layout.DEFAULT_DIR_MODE
@@ -71,7 +71,6 @@ class Metadata:
         self.listings = Listings(opts.dir_cache_entries)
         # Listings from the store in progress, by folder: own changes meanwhile go to them too.
         self.fills: dict[str, list[Fill]] = {}
-        self.head_limiter = trio.CapacityLimiter(opts.head_parallel)
         # HEAD results kept across mounts (stores whose listings lack metadata; set by the
         # daemon): a record checked before this mount started counts as checked at its start.
         self.store: MetaStore | None = None
@@ -434,17 +433,7 @@ class Metadata:
                     heads[key] = ObjectInfo(key, info.size, info.etag, info.mtime, info.metadata)
             need_head = [o for o in need_head if o.key not in heads]
         if need_head:
-            async def head(key: str) -> None:
-                async with self.head_limiter:
-                    try:
-                        heads[key] = await self.backend.head(key)
-                    except NotFound:
-                        pass
-
-            with one_error():
-                async with trio.open_nursery() as n:
-                    for o in need_head:
-                        n.start_soon(head, o.key)
+            heads.update(await self.backend.head_many([o.key for o in need_head], self.opts.head_parallel))
             if self.store is not None:
                 self.store.record([heads[o.key] for o in need_head if o.key in heads])  # one transaction
         entries: list[Inode] = []

@@ -120,6 +120,30 @@ def test_listing_pages(backend: Backend) -> None:
     assert keys == names
 
 
+def test_head_many_answers_as_head_does_and_leaves_out_missing_keys(backend: Backend) -> None:
+    """Batches (``HEAD_BATCH`` keys per worker-thread call) over more keys than one batch
+    holds: every stored key answered as ``head`` answers it, missing ones left out, one
+    ``head`` request per key."""
+    from cloudfs.backends.base import HEAD_BATCH
+
+    stored = [f"hm/{i:03d}" for i in range(HEAD_BATCH + 7)]
+
+    async def fill() -> None:
+        async with trio.open_nursery() as n:
+            for i, k in enumerate(stored):
+                n.start_soon(backend.put, k, Payload.from_bytes(b"x" * i), {"mode": "33188"})
+
+    run(fill)
+    missing = ["hm/missing-1", "hm/missing-2"]
+    before = backend.requests["head"]
+    got = run(backend.head_many, stored + missing, 2)
+    assert backend.requests["head"] - before == len(stored) + len(missing)
+    assert sorted(got) == stored
+    for key in (stored[0], stored[-1]):
+        assert got[key] == run(backend.head, key)
+    assert run(backend.head_many, [], 4) == {}
+
+
 def test_copy_and_metadata(backend: Backend) -> None:
     put(backend, "src", b"payload", {"mode": "33188"})
     run(backend.copy, "src", "dst")

@@ -317,6 +317,8 @@ class S3Backend(Backend):
         return name
 
     def close(self) -> None:
+        if self._fast is not None:
+            self._fast.close()
         with contextlib.suppress(Exception):
             self.client.close()
 
@@ -432,6 +434,7 @@ class S3Backend(Backend):
                 return self._run(key, getattr(fast, name), **kw)
             except s3_fast.Unsupported:
                 self._fast = None  # the endpoint changed into one only boto3 serves
+                fast.close()
             except s3_fast.UseClient:
                 pass  # a region redirect: botocore's redirector follows it
         return self._run(key, getattr(self.client, name), **kw)

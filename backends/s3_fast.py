@@ -8,10 +8,12 @@ per operation with botocore's own ruleset resolver, each request is built with b
 own URL and query encoding, signed by botocore's own signer (the client's refreshing
 credentials, session token and signing region), and sent through the client's own
 connection pool (``client._endpoint.http_session``: its CA bundle, ``verify``, proxies,
-client certificate, timeouts and pool size).  Only successful answers are parsed here,
-cheaply: HEAD and PUT from their headers, LIST with ElementTree.  Error answers go through botocore's
-own parser into the same ``ClientError`` the client raises, so ``S3Backend._translate`` maps
-both paths alike.
+client certificate, timeouts and pool size).  HEAD goes one step further (:class:`Direct`):
+straight over ``http.client`` connections made as that session makes its own, without
+urllib3's pool and botocore's response objects, which cost as much CPU again.  Only
+successful answers are parsed here, cheaply: HEAD and PUT from their headers, LIST with
+ElementTree.  Error answers go through botocore's own parser into the same ``ClientError``
+the client raises, so ``S3Backend._translate`` maps both paths alike.
 
 :meth:`FastPath.head_object`, :meth:`FastPath.list_objects_v2` and :meth:`FastPath.put_object`
 take the client's keyword arguments and return the subset of the client's parsed response
@@ -29,11 +31,14 @@ from __future__ import annotations
 
 import calendar
 import datetime
+import http.client
 import logging
 import re
+import ssl
+import threading
 import xml.etree.ElementTree as ET
 from typing import Any, NoReturn
-from urllib.parse import unquote_plus
+from urllib.parse import unquote_plus, urlsplit
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +102,131 @@ class _Endpoint:
         self.signing_name = signing.get("signing_name") or signer.signing_name
 
 
+class Direct:
+    """HEAD requests over ``http.client``, on keep-alive connections made the way the client's
+    botocore session makes its own: the same CA bundle (or no verification), connect and
+    read timeouts and socket options (TCP keepalive, no Nagle).  A configuration this cannot
+    reproduce (a proxy for the endpoint, a client certificate) is ``Unsupported``: HEAD then
+    goes through the session.
+
+    Idle connections are kept per origin, at most ``keep`` each; any thread takes one, sends
+    one request, and gives it back unless the answer closes it.  A kept connection the server
+    has closed meanwhile fails on its next use: the request is sent once more on a new one
+    (HEAD is idempotent), as urllib3 does after its dropped-connection check."""
+
+    def __init__(self, session: Any, url: str) -> None:
+        from botocore.httpsession import create_urllib3_context, get_cert_path
+
+        if session._proxy_config.proxy_url_for(url):
+            raise Unsupported("a proxy is configured for the endpoint")
+        if session._cert_file:
+            raise Unsupported("a client certificate is configured")
+        timeout = session._timeout
+        self._connect_timeout = getattr(timeout, "connect_timeout", timeout)
+        self._read_timeout = getattr(timeout, "read_timeout", timeout)
+        self._socket_options = list(session._socket_options or [])
+        self._keep = session._max_pool_connections
+        verify = session._verify
+        self._context = create_urllib3_context()
+        if verify:
+            self._context.check_hostname = True
+            self._context.verify_mode = ssl.CERT_REQUIRED
+            self._context.load_verify_locations(cafile=get_cert_path(verify))
+        else:
+            self._context.check_hostname = False
+            self._context.verify_mode = ssl.CERT_NONE
+        self._lock = threading.Lock()
+        self._idle: dict[tuple[str, str, int], list[http.client.HTTPConnection]] = {}
+        self._closed = False
+
+    def head(self, url: str, headers: Any) -> tuple[int, http.client.HTTPMessage]:
+        """Send a signed HEAD; its status and headers.  Transport failures raise what
+        botocore's session raises for them (``ConnectTimeoutError``, ``ReadTimeoutError``,
+        ``EndpointConnectionError``, ``ConnectionClosedError``); a failed certificate check
+        its ``SSLCertVerificationError``."""
+        from botocore import exceptions
+
+        parts = urlsplit(url)
+        origin = (parts.scheme, parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+        target = parts.path + ("?" + parts.query if parts.query else "")
+        for fresh in (False, True):
+            conn, reused = self._take(origin, url, fresh)
+            try:
+                conn.request("HEAD", target, headers=headers)
+                resp = conn.getresponse()
+                resp.read()
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                if isinstance(exc, TimeoutError):
+                    raise exceptions.ReadTimeoutError(endpoint_url=url) from None
+                if reused:
+                    continue  # closed by the server while it was idle: once more, on a new one
+                raise exceptions.ConnectionClosedError(endpoint_url=url) from None
+            self._give(origin, conn, resp.will_close)
+            return resp.status, resp.headers
+        raise AssertionError("unreachable")
+
+    def _take(self, origin: tuple[str, str, int], url: str,
+              fresh: bool) -> tuple[http.client.HTTPConnection, bool]:
+        from botocore import exceptions
+
+        if not fresh:
+            with self._lock:
+                idle = self._idle.get(origin)
+                if idle:
+                    return idle.pop(), True
+        scheme, host, port = origin
+        conn: http.client.HTTPConnection
+        if scheme == "https":
+            conn = http.client.HTTPSConnection(host, port, timeout=self._connect_timeout,
+                                               context=self._context)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=self._connect_timeout)
+        try:
+            conn.connect()
+            assert conn.sock is not None
+            for option in self._socket_options:
+                conn.sock.setsockopt(*option)
+            conn.sock.settimeout(self._read_timeout)
+        except ssl.SSLCertVerificationError:
+            conn.close()
+            raise
+        except TimeoutError:
+            conn.close()
+            raise exceptions.ConnectTimeoutError(endpoint_url=url) from None
+        except OSError:
+            conn.close()
+            raise exceptions.EndpointConnectionError(endpoint_url=url) from None
+        return conn, False
+
+    def _give(self, origin: tuple[str, str, int], conn: http.client.HTTPConnection, closing: bool) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(origin, [])
+            if not closing and not self._closed and len(idle) < self._keep:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                conn.close()
+
+
+class _Answer:
+    """What botocore's error parsing reads of a response (``convert_to_response_dict``)."""
+
+    def __init__(self, status: int, headers: http.client.HTTPMessage) -> None:
+        from botocore.awsrequest import HeadersDict
+
+        self.status_code = status
+        self.headers = HeadersDict(headers.items())
+        self.content = b""
+
+
 class FastPath:
     def __init__(self, client: Any, bucket: str) -> None:
         import botocore.handlers
@@ -126,6 +256,14 @@ class FastPath:
         except Exception as exc:  # a botocore without these internals, an unresolvable endpoint
             raise Unsupported(f"botocore internals not as expected ({type(exc).__name__})") from None
         self._endpoints_stale = False
+        try:
+            self._direct: Direct | None = Direct(self._http, self._endpoints[HEAD].url)
+        except Unsupported as exc:
+            log.info("s3: HEAD goes through botocore's session: %s", exc)
+            self._direct = None
+        except Exception as exc:  # a botocore session without these internals
+            log.info("s3: HEAD goes through botocore's session (%s)", type(exc).__name__)
+            self._direct = None
         # Only then does botocore add nothing to a PutObject beyond its serialized headers.
         self._puts = getattr(self._config, "request_checksum_calculation", None) == "when_required"
 
@@ -151,8 +289,14 @@ class FastPath:
         assert Bucket == self._bucket
         if not Key:
             raise UseClient()  # boto3's parameter validation refuses an empty key
-        resp = self._send(HEAD, "HEAD", _key_path(Key), {})
-        return _head_answer(resp.headers)
+        if self._direct is None:
+            return _head_answer(self._send(HEAD, "HEAD", _key_path(Key), {}).headers)
+        endpoint = self._endpoint(HEAD)
+        request = self._signed(endpoint, "HEAD", _key_path(Key), {})
+        status, headers = self._direct.head(request.url, request.headers)
+        if status >= 300:
+            self._raise_error(endpoint, _Answer(status, headers))
+        return _head_answer(headers)
 
     def list_objects_v2(self, *, Bucket: str, Prefix: str, MaxKeys: int, Delimiter: str | None = None,
                         ContinuationToken: str | None = None) -> dict[str, Any]:
@@ -208,15 +352,24 @@ class FastPath:
         answer raises the ClientError the client would; transport failures raise botocore's
         own exceptions (the http session maps urllib3's)."""
         endpoint = self._endpoint(operation)
+        resp = self._http.send(self._signed(endpoint, method, path, query, headers, body))
+        if resp.status_code >= 300:
+            self._raise_error(endpoint, resp)
+        return resp
+
+    def _signed(self, endpoint: _Endpoint, method: str, path: str, query: dict[str, Any],
+                headers: dict[str, str] | None = None, body: bytes = b"") -> Any:
+        """The request, signed and prepared (``url``, ``headers``, ``body``)."""
         request = self._request(endpoint, method, path, query, headers, body)
         # get_auth_instance freezes the client's credentials (refreshing them when they are
         # about to expire); none at all raises NoCredentialsError when signing, as boto3 does.
         self._signer.get_auth_instance(endpoint.signing_name, endpoint.region,
                                        endpoint.signature_version).add_auth(request)
-        resp = self._http.send(request.prepare())
-        if resp.status_code >= 300:
-            self._raise_error(endpoint, resp)
-        return resp
+        return request.prepare()
+
+    def close(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
 
     def _raise_error(self, endpoint: _Endpoint, resp: Any, status: int | None = None) -> NoReturn:
         from botocore.endpoint import convert_to_response_dict

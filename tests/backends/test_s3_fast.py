@@ -243,6 +243,53 @@ def test_throttling_is_transient_and_retried(target: Target) -> None:
             b.close()
 
 
+def test_a_failed_head_in_a_batch_is_retried_alone(target: Target) -> None:
+    """``Backend.head_many``: a throttled HEAD in a batch is retried by itself; the HEADs the
+    batch had answered before it are not sent again."""
+    upstream = urlsplit(target.extra["endpoint"]).port
+    assert upstream
+    keys = [f"batch/{i:02d}" for i in range(20)]
+    for key in keys:
+        target.sdk.put_object(Bucket=target.extra["bucket"], Key=key, Body=b"v")
+    with FlakyProxy(upstream, fail_every=4) as proxy:
+        b = S3Backend(target.extra["bucket"], endpoint=f"http://127.0.0.1:{proxy.port}",
+                      retry=RetryPolicy(attempts=3, initial_delay=0.01, max_delay=0.01))
+        try:
+            assert sorted(run(b.head_many, keys, 1)) == keys
+        finally:
+            b.close()
+    assert proxy.failed >= 5
+    assert len(proxy.requests) == len(keys) + proxy.failed == b.requests["head"]
+    answered = [r.path for i, r in enumerate(proxy.requests, 1) if i % 4]
+    assert sorted(answered) == sorted(set(answered)) and len(answered) == len(keys)
+
+
+def test_head_resends_once_on_a_new_connection_when_the_kept_one_is_dead(target: Target) -> None:
+    """``s3_fast.Direct``: a kept connection the server closed while idle fails on its next
+    use; the HEAD goes once more on a new connection and is answered, and a store that drops
+    every connection is a transient failure in one line."""
+    import socket
+
+    upstream = urlsplit(target.extra["endpoint"]).port
+    assert upstream
+    target.sdk.put_object(Bucket=target.extra["bucket"], Key="k", Body=b"v")
+    with FlakyProxy(upstream, fail_every=0) as proxy:
+        with pair(target.extra["bucket"], f"http://127.0.0.1:{proxy.port}") as (fast, _):
+            assert run(fast.head, "k").size == 1
+            direct = fast._fast._direct if fast._fast is not None else None
+            assert direct is not None
+            kept = [c for conns in direct._idle.values() for c in conns]
+            assert len(kept) == 1 and kept[0].sock is not None
+            kept[0].sock.shutdown(socket.SHUT_RDWR)  # as if the server had closed it
+            assert run(fast.head, "k").size == 1
+            assert len(proxy.requests) == 2
+            proxy.down()
+            kind, text, _ = outcome(fast.head, "k")
+            assert kind is Transient and "\n" not in text
+            proxy.up()
+            assert run(fast.head, "k").size == 1
+
+
 def test_missing_bucket(target: Target) -> None:
     with pair("cloudfs-no-such-bucket-fast", target.extra["endpoint"]) as (fast, slow):
         for call in ((S3Backend.head, "k"), (S3Backend.list_page, "")):

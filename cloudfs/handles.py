@@ -18,10 +18,16 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import trio
 
 from cloudfs.cache.file import File
 
 from .inodes import Inode
+
+if TYPE_CHECKING:
+    from .metadata import ListingPage
 
 
 class ReadAhead:
@@ -63,6 +69,19 @@ class FileHandle:
 
 
 @dataclass(eq=False)
+class NextPage:
+    """The listing page after ``token``, fetched in the background while the kernel takes
+    the entries before it.  Exactly one of ``page`` and ``error`` is set once ``done`` is,
+    unless the fetch was cancelled (the handle was released, or went on without it)."""
+
+    token: str
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    done: trio.Event = field(default_factory=trio.Event)
+    page: ListingPage | None = None
+    error: Exception | None = None
+
+
+@dataclass(eq=False)
 class DirHandle:
     fh: int
     inode: Inode
@@ -71,6 +90,7 @@ class DirHandle:
     token: str | None = None
     started: bool = False
     done: bool = False
+    next_page: NextPage | None = None  # the page after ``token``, in flight
 
     def add(self, name: str, inode: Inode) -> None:
         if name not in self.seen:

@@ -36,10 +36,10 @@ from cloudfs.cache.file import File
 from cloudfs.cache.uploader import Uploader
 from cloudfs.layout import Attrs
 
-from .handles import DirHandle, FileHandle, Handles, ReadAhead
+from .handles import DirHandle, FileHandle, Handles, NextPage, ReadAhead
 from .inodes import ROOT_INODE, Inode, InodeTable, Meta, join, parent_of
 from .listings import Fill
-from .metadata import Metadata, MetadataOptions
+from .metadata import ListingPage, Metadata, MetadataOptions
 from .rename import Renamer
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class VFS:
         self.uploader = uploader
         self.opts = opts
         self.notify = notify or Notify()
-        self._background: trio.Nursery | None = None  # read-ahead fetches; see run()
+        self._background: trio.Nursery | None = None  # read-ahead fetches, next listing pages; see run()
         root = Meta(Attrs(stat.S_IFDIR | opts.dir_mode, opts.uid, opts.gid, time.time_ns()), stored=True)
         self.table = InodeTable(root, on_drop=self._dropped)
         self.meta = Metadata(backend, cache, self.table,
@@ -117,8 +117,8 @@ class VFS:
         self.renamer = Renamer(backend, cache, self.table, intents_dir)
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve background work (read-ahead fetches) until cancelled; reads fetch no
-        read-ahead without it."""
+        """Serve background work (read-ahead fetches, the next page of a listing) until
+        cancelled; without it, reads fetch no read-ahead and listings one page at a time."""
         async with trio.open_nursery() as nursery:
             self._background = nursery
             task_status.started()
@@ -355,7 +355,7 @@ class VFS:
                 return True
             self._fills[handle.fh] = self.meta.begin_fill(path)
         try:
-            page = await self.meta.list_page(path, handle.token, handle.seen)
+            page = await self._next_page(handle)
         except Transient:
             last = await self.meta.cached_listing(path, stale=True) if handle.token is None else None
             if last is None:
@@ -371,7 +371,40 @@ class VFS:
         handle.done = page.done
         if page.done:
             self._end_fill(handle.fh, [(os.fsdecode(name), inode) for name, inode in handle.entries[2:]])
+        else:
+            self._start_next_page(handle)
         return True
+
+    def _start_next_page(self, handle: DirHandle) -> None:
+        """Fetch the page after the handle's in the background: its LIST and HEADs go while
+        the kernel takes this page's entries, instead of after them."""
+        if self._background is None or handle.token is None:
+            return
+        next_page = handle.next_page = NextPage(handle.token)
+        path = handle.inode.path
+
+        async def fetch() -> None:
+            with next_page.scope:
+                try:
+                    next_page.page = await self.meta.list_page(path, next_page.token, handle.seen)
+                except Exception as exc:  # handed to the fill that waits for it
+                    next_page.error = exc
+            next_page.done.set()
+
+        self._background.start_soon(fetch)
+
+    async def _next_page(self, handle: DirHandle) -> ListingPage:
+        """The page after the handle's token: the one in flight if there is one."""
+        next_page, handle.next_page = handle.next_page, None
+        if next_page is not None and next_page.token == handle.token:
+            await next_page.done.wait()
+            if next_page.error is not None:
+                raise next_page.error
+            if next_page.page is not None:
+                return next_page.page
+        elif next_page is not None:
+            next_page.scope.cancel()
+        return await self.meta.list_page(handle.inode.path, handle.token, handle.seen)
 
     def _end_fill(self, fh: int, entries: list[tuple[str, Inode]] | None) -> None:
         fill = self._fills.pop(fh, None)
@@ -380,7 +413,9 @@ class VFS:
 
     def releasedir(self, fh: int) -> None:
         self._end_fill(fh, None)  # a listing given up half-way is not kept
-        self.handles.dirs.pop(fh, None)
+        handle = self.handles.dirs.pop(fh, None)
+        if handle is not None and handle.next_page is not None:
+            handle.next_page.scope.cancel()
 
     # ------------------------------------------------------------------ files
     async def create(self, parent_ino: int, name: bytes, mode: int, flags: int, ctx: Ctx

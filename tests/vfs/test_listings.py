@@ -180,3 +180,56 @@ def test_attributes_from_a_listing_count_from_its_end(rig: Rig) -> None:
             assert sent(fs) == before + 1 and fs.backend.requests["head"] == heads + 1
 
     run(main)
+
+
+def test_the_next_page_is_listed_while_the_kernel_takes_this_one(rig: Rig) -> None:
+    """A listing of three pages: the page after each one is fetched in the background
+    (``VFS._start_next_page``) and used by the next readdir, so each page is listed once and
+    every name comes once."""
+    async def main() -> None:
+        async with rig.mounted() as fs:
+            for i in range(2500):
+                await fs.other_tool_puts(f"d/f{i:04d}", b"x")
+            inode = await fs.stat("d")
+            before = fs.backend.requests["list_page"]
+            handle = fs.vfs.opendir(inode.ino)
+            try:
+                first = await fs.vfs.readdir(handle.fh, 0)
+                assert handle.next_page is not None  # page two is on its way
+                with trio.fail_after(30):
+                    await handle.next_page.done.wait()
+                assert fs.backend.requests["list_page"] - before == 2
+                names = [e[0].decode() for e in first]
+                start = first[-1][2]
+                while more := await fs.vfs.readdir(handle.fh, start):
+                    names += [e[0].decode() for e in more]
+                    start = more[-1][2]
+            finally:
+                fs.vfs.releasedir(handle.fh)
+            assert fs.backend.requests["list_page"] - before == 3
+            files = [n for n in names if n not in (".", "..")]
+            assert len(files) == len(set(files)) == 2500
+
+    run(main)
+
+
+def test_a_listing_given_up_after_its_first_page_leaves_nothing_behind(rig: Rig) -> None:
+    """Released after one page, the handle's next page is cancelled or dropped, and is
+    not kept as the folder's listing: the next listing lists the folder again, whole."""
+    async def main() -> None:
+        async with rig.mounted() as fs:
+            for i in range(1500):
+                await fs.other_tool_puts(f"d/f{i:04d}", b"x")
+            inode = await fs.stat("d")
+            handle = fs.vfs.opendir(inode.ino)
+            await fs.vfs.readdir(handle.fh, 0)
+            next_page = handle.next_page
+            assert next_page is not None
+            fs.vfs.releasedir(handle.fh)
+            with trio.fail_after(30):
+                await next_page.done.wait()
+            before = fs.backend.requests["list_page"]
+            assert len(await fs.listdir("d")) == 1500
+            assert fs.backend.requests["list_page"] - before == 2
+
+    run(main)

@@ -129,7 +129,8 @@ class CloudFS(pyfuse3.Operations):
         a.st_ino = inode.ino
         a.st_mode = attrs.mode
         a.st_rdev = attrs.rdev
-        a.st_nlink = 2 if inode.is_dir else 1
+        # A file no name refers to any more (unlinked or replaced while open) has no links.
+        a.st_nlink = 2 if inode.is_dir else 0 if inode.file is not None and inode.file.unlinked else 1
         a.st_uid = attrs.uid
         a.st_gid = attrs.gid
         a.st_size = inode.size

@@ -170,12 +170,23 @@ def test_unlink(mnt: Mount) -> None:
 
 
 def test_unlinked_file_stays_readable_while_open(mnt: Mount) -> None:
+    """It reads on, and has no links left (``st_nlink`` 0), as does a file replaced by a
+    rename while open."""
     p = mnt.path / "open-unlinked"
     p.write_bytes(b"still here")
     with open(p, "rb") as f:
+        assert os.fstat(f.fileno()).st_nlink == 1
         os.unlink(p)
         assert f.read() == b"still here"
+        assert os.fstat(f.fileno()).st_nlink == 0
     assert not p.exists()
+    p.write_bytes(b"old")
+    (mnt.path / "new").write_bytes(b"new")
+    with open(p, "rb") as f:
+        os.rename(mnt.path / "new", p)
+        assert os.fstat(f.fileno()).st_nlink == 0
+        assert f.read() == b"old"
+    assert os.stat(p).st_nlink == 1
 
 
 def test_unlink_before_upload_never_reaches_bucket(mnt: Mount) -> None:

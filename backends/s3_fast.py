@@ -8,9 +8,9 @@ per operation with botocore's own ruleset resolver, each request is built with b
 own URL and query encoding, signed by botocore's own signer (the client's refreshing
 credentials, session token and signing region), and sent through the client's own
 connection pool (``client._endpoint.http_session``: its CA bundle, ``verify``, proxies,
-client certificate, timeouts and pool size).  HEAD goes one step further (:class:`Direct`):
-straight over ``http.client`` connections made as that session makes its own, without
-urllib3's pool and botocore's response objects, which cost as much CPU again.  Only
+client certificate, timeouts and pool size), or, where nothing in them needs the session
+(:class:`Direct`), straight over ``http.client`` connections made as that session makes its
+own: urllib3's pool and botocore's response objects cost as much CPU again as the rest.  Only
 successful answers are parsed here, cheaply: HEAD and PUT from their headers, LIST with
 ElementTree.  Error answers go through botocore's own parser into the same ``ClientError``
 the client raises, so ``S3Backend._translate`` maps both paths alike.
@@ -34,6 +34,7 @@ import datetime
 import http.client
 import logging
 import re
+import select
 import ssl
 import threading
 import xml.etree.ElementTree as ET
@@ -103,16 +104,17 @@ class _Endpoint:
 
 
 class Direct:
-    """HEAD requests over ``http.client``, on keep-alive connections made the way the client's
+    """Requests over ``http.client``, on keep-alive connections made the way the client's
     botocore session makes its own: the same CA bundle (or no verification), connect and
     read timeouts and socket options (TCP keepalive, no Nagle).  A configuration this cannot
-    reproduce (a proxy for the endpoint, a client certificate) is ``Unsupported``: HEAD then
-    goes through the session.
+    reproduce (a proxy for the endpoint, a client certificate) is ``Unsupported``: requests
+    then go through the session.
 
     Idle connections are kept per origin, at most ``keep`` each; any thread takes one, sends
     one request, and gives it back unless the answer closes it.  A kept connection the server
-    has closed meanwhile fails on its next use: the request is sent once more on a new one
-    (HEAD is idempotent), as urllib3 does after its dropped-connection check."""
+    has closed meanwhile is found before use, as urllib3 finds it (readable while idle); one
+    that fails on use anyway is sent on once more, on a new connection, only for HEAD and GET:
+    a PUT the store may have taken is never sent twice."""
 
     def __init__(self, session: Any, url: str) -> None:
         from botocore.httpsession import create_urllib3_context, get_cert_path
@@ -139,9 +141,9 @@ class Direct:
         self._idle: dict[tuple[str, str, int], list[http.client.HTTPConnection]] = {}
         self._closed = False
 
-    def head(self, url: str, headers: Any) -> tuple[int, http.client.HTTPMessage]:
-        """Send a signed HEAD; its status and headers.  Transport failures raise what
-        botocore's session raises for them (``ConnectTimeoutError``, ``ReadTimeoutError``,
+    def send(self, method: str, url: str, headers: Any, body: bytes | None) -> Answer:
+        """Send a signed request; its answer.  Transport failures raise what botocore's
+        session raises for them (``ConnectTimeoutError``, ``ReadTimeoutError``,
         ``EndpointConnectionError``, ``ConnectionClosedError``); a failed certificate check
         its ``SSLCertVerificationError``."""
         from botocore import exceptions
@@ -152,31 +154,34 @@ class Direct:
         for fresh in (False, True):
             conn, reused = self._take(origin, url, fresh)
             try:
-                conn.request("HEAD", target, headers=headers)
+                conn.request(method, target, body=body or None, headers=headers)
                 resp = conn.getresponse()
-                resp.read()
+                content = resp.read()
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
                 if isinstance(exc, TimeoutError):
                     raise exceptions.ReadTimeoutError(endpoint_url=url) from None
-                if reused:
-                    continue  # closed by the server while it was idle: once more, on a new one
+                if reused and method in ("HEAD", "GET"):
+                    continue  # closed by the server as it was taken: once more, on a new one
                 raise exceptions.ConnectionClosedError(endpoint_url=url) from None
             self._give(origin, conn, resp.will_close)
-            return resp.status, resp.headers
+            return Answer(resp.status, resp.headers, content)
         raise AssertionError("unreachable")
 
     def _take(self, origin: tuple[str, str, int], url: str,
               fresh: bool) -> tuple[http.client.HTTPConnection, bool]:
         from botocore import exceptions
 
-        if not fresh:
+        while not fresh:
             with self._lock:
                 idle = self._idle.get(origin)
-                if idle:
-                    return idle.pop(), True
+                conn = idle.pop() if idle else None
+            if conn is None:
+                break
+            if not _dropped(conn):
+                return conn, True
+            conn.close()
         scheme, host, port = origin
-        conn: http.client.HTTPConnection
         if scheme == "https":
             conn = http.client.HTTPSConnection(host, port, timeout=self._connect_timeout,
                                                context=self._context)
@@ -216,15 +221,32 @@ class Direct:
                 conn.close()
 
 
-class _Answer:
-    """What botocore's error parsing reads of a response (``convert_to_response_dict``)."""
+def _dropped(conn: http.client.HTTPConnection) -> bool:
+    """Whether an idle connection was closed by the server (or has bytes nobody asked for):
+    readable while idle, as urllib3's ``is_connection_dropped`` tells."""
+    if conn.sock is None:
+        return True
+    poller = select.poll()
+    poller.register(conn.sock, select.POLLIN)
+    return bool(poller.poll(0))
 
-    def __init__(self, status: int, headers: http.client.HTTPMessage) -> None:
+
+class Answer:
+    """A response as FastPath reads it, from either transport: ``status_code``, ``headers``
+    (case-insensitive, iterated in the server's spelling) and ``content``."""
+
+    __slots__ = ("content", "headers", "status_code")
+
+    def __init__(self, status: int, headers: http.client.HTTPMessage, content: bytes) -> None:
+        self.status_code = status
+        self.headers = headers
+        self.content = content
+
+    def for_botocore(self) -> Answer:
+        """The same answer with botocore's header type, for its error parser."""
         from botocore.awsrequest import HeadersDict
 
-        self.status_code = status
-        self.headers = HeadersDict(headers.items())
-        self.content = b""
+        return Answer(self.status_code, HeadersDict(self.headers.items()), self.content)  # type: ignore[arg-type]
 
 
 class FastPath:
@@ -259,10 +281,10 @@ class FastPath:
         try:
             self._direct: Direct | None = Direct(self._http, self._endpoints[HEAD].url)
         except Unsupported as exc:
-            log.info("s3: HEAD goes through botocore's session: %s", exc)
+            log.info("s3: requests go through botocore's session: %s", exc)
             self._direct = None
         except Exception as exc:  # a botocore session without these internals
-            log.info("s3: HEAD goes through botocore's session (%s)", type(exc).__name__)
+            log.info("s3: requests go through botocore's session (%s)", type(exc).__name__)
             self._direct = None
         # Only then does botocore add nothing to a PutObject beyond its serialized headers.
         self._puts = getattr(self._config, "request_checksum_calculation", None) == "when_required"
@@ -289,14 +311,7 @@ class FastPath:
         assert Bucket == self._bucket
         if not Key:
             raise UseClient()  # boto3's parameter validation refuses an empty key
-        if self._direct is None:
-            return _head_answer(self._send(HEAD, "HEAD", _key_path(Key), {}).headers)
-        endpoint = self._endpoint(HEAD)
-        request = self._signed(endpoint, "HEAD", _key_path(Key), {})
-        status, headers = self._direct.head(request.url, request.headers)
-        if status >= 300:
-            self._raise_error(endpoint, _Answer(status, headers))
-        return _head_answer(headers)
+        return _head_answer(self._send(HEAD, "HEAD", _key_path(Key), {}).headers)
 
     def list_objects_v2(self, *, Bucket: str, Prefix: str, MaxKeys: int, Delimiter: str | None = None,
                         ContinuationToken: str | None = None) -> dict[str, Any]:
@@ -352,7 +367,11 @@ class FastPath:
         answer raises the ClientError the client would; transport failures raise botocore's
         own exceptions (the http session maps urllib3's)."""
         endpoint = self._endpoint(operation)
-        resp = self._http.send(self._signed(endpoint, method, path, query, headers, body))
+        request = self._signed(endpoint, method, path, query, headers, body)
+        if self._direct is not None:
+            resp: Any = self._direct.send(method, request.url, request.headers, request.body)
+        else:
+            resp = self._http.send(request)
         if resp.status_code >= 300:
             self._raise_error(endpoint, resp)
         return resp
@@ -374,6 +393,8 @@ class FastPath:
     def _raise_error(self, endpoint: _Endpoint, resp: Any, status: int | None = None) -> NoReturn:
         from botocore.endpoint import convert_to_response_dict
 
+        if isinstance(resp, Answer):
+            resp = resp.for_botocore()
         model = endpoint.model
         response_dict = convert_to_response_dict(resp, model)
         if status is not None:

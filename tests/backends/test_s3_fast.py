@@ -264,10 +264,11 @@ def test_a_failed_head_in_a_batch_is_retried_alone(target: Target) -> None:
     assert sorted(answered) == sorted(set(answered)) and len(answered) == len(keys)
 
 
-def test_head_resends_once_on_a_new_connection_when_the_kept_one_is_dead(target: Target) -> None:
-    """``s3_fast.Direct``: a kept connection the server closed while idle fails on its next
-    use; the HEAD goes once more on a new connection and is answered, and a store that drops
-    every connection is a transient failure in one line."""
+def test_kept_connections_found_dead_are_replaced_and_only_head_is_sent_twice(target: Target) -> None:
+    """``s3_fast.Direct``: a kept connection the server closed while idle is found before use
+    and replaced.  One that fails on use is sent on once more on a new connection for a HEAD,
+    never for a PUT (the store may have taken it); a store that drops every connection is a
+    transient failure in one line, and the next request after it is back is answered."""
     import socket
 
     upstream = urlsplit(target.extra["endpoint"]).port
@@ -286,8 +287,18 @@ def test_head_resends_once_on_a_new_connection_when_the_kept_one_is_dead(target:
             proxy.down()
             kind, text, _ = outcome(fast.head, "k")
             assert kind is Transient and "\n" not in text
+            assert proxy.dropped == 2  # on the kept connection, then once more on a new one
+            kind, _, _ = outcome(fast.put, "p", Payload.from_bytes(b"x"), {})
+            assert kind is Transient
+            assert proxy.dropped == 3  # sent once: on a new connection (none was kept)
             proxy.up()
             assert run(fast.head, "k").size == 1
+            run(fast.put, "p", Payload.from_bytes(b"x"), {})
+            proxy.down()
+            kind, _, _ = outcome(fast.put, "p", Payload.from_bytes(b"y"), {})
+            assert kind is Transient and proxy.dropped == 4  # on the kept connection, not again
+            proxy.up()
+    assert target.sdk.get_object(Bucket=target.extra["bucket"], Key="p")["Body"].read() == b"x"
 
 
 def test_missing_bucket(target: Target) -> None:

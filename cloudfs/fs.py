@@ -137,7 +137,7 @@ class CloudFS(pyfuse3.Operations):
         a.st_blksize = 1024 * 1024
         a.st_blocks = (a.st_size + 511) // 512
         a.st_mtime_ns = attrs.mtime_ns
-        a.st_atime_ns = attrs.mtime_ns
+        a.st_atime_ns = attrs.mtime_ns if attrs.atime_ns is None else attrs.atime_ns
         a.st_ctime_ns = inode.ctime_ns
         # A folder seen only as a listing prefix may have a marker with attributes: let the
         # kernel ask again (lookup resolves it) instead of caching the defaults.

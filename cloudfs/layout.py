@@ -62,6 +62,9 @@ class Attrs:
     # The last change of the file or its attributes (st_ctime).  Never None once built:
     # an Attrs made without one has its mtime as ctime (s3fs's reading of such an object).
     ctime_ns: int | None = None
+    # st_atime as last set by utime (s3fs's ``atime`` key); None: never set, it reads as the
+    # mtime.  Reads do not move it.
+    atime_ns: int | None = None
 
     def __post_init__(self) -> None:
         if self.ctime_ns is None:
@@ -263,6 +266,7 @@ def decode(meta: dict[str, str] | None, *, is_dir: bool, size: int, server_mtime
     uid = _int(meta, "uid", "goog-reserved-posix-uid")
     gid = _int(meta, "gid", "goog-reserved-posix-gid")
     rdev = (_int(meta, "rdev") or 0) if ftype in (stat.S_IFCHR, stat.S_IFBLK) else 0
+    atime = _parse_epoch_or_rfc3339(meta["atime"]) if "atime" in meta else None  # s3fs's or rclone's
     return Attrs(
         mode=ftype | perms,
         uid=default_uid if uid is None else uid,
@@ -272,6 +276,7 @@ def decode(meta: dict[str, str] | None, *, is_dir: bool, size: int, server_mtime
         xattrs=decode_xattrs(meta["xattr"]) if "xattr" in meta else {},
         rdev=rdev,
         ctime_ns=ctime,  # None (no ctime, no last-modified time): the mtime
+        atime_ns=atime,
     )
 
 
@@ -288,6 +293,8 @@ def encode(attrs: Attrs) -> dict[str, str]:
         meta["xattr"] = encode_xattrs(attrs.xattrs)
     if attrs.rdev:
         meta["rdev"] = str(attrs.rdev)
+    if attrs.atime_ns is not None:
+        meta["atime"] = format_epoch(attrs.atime_ns)
     return meta
 
 
@@ -296,7 +303,7 @@ def metadata_size(meta: dict[str, str]) -> int:
 
 
 # cloudfs's keys, the uploader's token among them.
-OWN_KEYS = frozenset({"mode", "uid", "gid", "mtime", "ctime", "xattr", "rdev", "cloudfs_upload"})
+OWN_KEYS = frozenset({"mode", "uid", "gid", "mtime", "ctime", "atime", "xattr", "rdev", "cloudfs_upload"})
 
 
 def foreign(meta: dict[str, str] | None) -> dict[str, str]:

@@ -218,6 +218,8 @@ class VFS:
             attrs.gid = change.gid
         if change.mtime_ns is not None:
             attrs.mtime_ns = change.mtime_ns
+        if change.atime_ns is not None:
+            attrs.atime_ns = change.atime_ns
         if change.size is not None:
             if inode.file is None:
                 raise fail(errno.EISDIR if inode.is_dir else errno.EINVAL)
@@ -226,7 +228,7 @@ class VFS:
                 attrs.mtime_ns = now
         if change != SetAttr():
             # Every attribute change, a truncate or a utime of atime alone included, is a
-            # change of the inode: its ctime moves (atime itself is not stored).
+            # change of the inode: its ctime moves.
             attrs.ctime_ns = now if change.ctime_ns is None else change.ctime_ns
             await self._store_attrs(inode, attrs)
         return inode

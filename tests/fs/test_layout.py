@@ -43,15 +43,15 @@ def s3fs_xattr(pairs: dict[str, str]) -> str:
 S3FS_XATTR = s3fs_xattr({"user.bin": "//79", "user.comment": "aGVsbG8gd29ybGQ=", "user.empty": ""})
 
 GOLDEN: dict[str, tuple[dict[str, str], dict, Attrs]] = {
-    # s3fs: decimal st_mode with type bits, decimal uid/gid, "%ld" mtime and ctime (plus
-    # atime, which cloudfs ignores), xattrs in one URL-encoded JSON header.
+    # s3fs: decimal st_mode with type bits, decimal uid/gid, "%ld" mtime, ctime and atime,
+    # xattrs in one URL-encoded JSON header.
     "s3fs-file": (
         {"mode": "33188", "uid": "1000", "gid": "1001", "mtime": "1700000000",
          "atime": "1700000100", "ctime": "1700000200", "xattr": S3FS_XATTR},
         {"size": 11},
         Attrs(stat.S_IFREG | 0o644, 1000, 1001, 1_700_000_000 * NS, 11,
               {b"user.bin": b"\xff\xfe\xfd", b"user.comment": b"hello world", b"user.empty": b""},
-              ctime_ns=1_700_000_200 * NS),
+              ctime_ns=1_700_000_200 * NS, atime_ns=1_700_000_100 * NS),
     ),
     # s3fs's ctime with a fraction ("%ld.%09ld", s3fs_str_realtime()).
     "s3fs-ctime-fraction": (
@@ -90,12 +90,13 @@ GOLDEN: dict[str, tuple[dict[str, str], dict, Attrs]] = {
         {},
         Attrs(stat.S_IFREG | 0o644, DEFAULT_UID, DEFAULT_GID, 1_354_040_105 * NS, 0, {}),
     ),
-    # rclone --metadata: mode is OCTAL text, uid/gid decimal, plus atime/btime it keeps too.
+    # rclone --metadata: mode is OCTAL text, uid/gid decimal, atime RFC 3339, plus btime.
     "rclone-s3-metadata": (
         {"mtime": "1354040105.123", "mode": "100664", "uid": "1000", "gid": "100",
          "atime": "2012-11-27T18:15:05.5Z", "btime": "2012-11-27T18:15:05Z"},
         {"size": 7},
-        Attrs(stat.S_IFREG | 0o664, 1000, 100, 1_354_040_105_123_000_000, 7, {}),
+        Attrs(stat.S_IFREG | 0o664, 1000, 100, 1_354_040_105_123_000_000, 7, {},
+              atime_ns=1_354_040_105_500_000_000),
     ),
     "rclone-s3-metadata-dir": (
         {"mtime": "1354040105.25", "mode": "40750"},
@@ -429,6 +430,9 @@ def test_encode_writes_s3fs_keys() -> None:
     assert "xattr" not in layout.encode(Attrs(stat.S_IFREG | 0o644, 0, 0, 0))
     assert layout.encode(Attrs(stat.S_IFREG | 0o644, 0, 0, 5 * NS, ctime_ns=6 * NS + 1))["ctime"] == (
         "6.000000001")
+    assert "atime" not in layout.encode(Attrs(stat.S_IFREG | 0o644, 0, 0, 5 * NS))  # never set
+    assert layout.encode(Attrs(stat.S_IFREG | 0o644, 0, 0, 5 * NS, atime_ns=4 * NS + 3))["atime"] == (
+        "4.000000003")
 
 
 def test_ctime_falls_back_to_the_last_modified_time() -> None:
@@ -457,6 +461,7 @@ ROUND_TRIP = [
     Attrs(stat.S_IFREG | 0o600, 1, 2, -1_500_000_000, 3),  # before the epoch
     Attrs(stat.S_IFREG | 0o600, 1, 2, 1_700_000_000 * NS, 3, ctime_ns=1_700_000_005 * NS + 9),
     Attrs(stat.S_IFREG | 0o600, 1, 2, 2**63 - 1, 3),
+    Attrs(stat.S_IFREG | 0o600, 1, 2, 1_700_000_000 * NS, 3, atime_ns=-1_500_000_000),
     Attrs(stat.S_IFREG | 0o644, 1, 2, 3, 4, {b"user.bin": bytes(range(256)), b"user.empty": b"",
                                               "user.名前".encode(): b"v", b"user.\xff": b"\xff",
                                               b'user.q"uote,colon:': b"x"}),

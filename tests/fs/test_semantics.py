@@ -233,16 +233,25 @@ def test_objects_without_metadata_show_defaults_and_the_mount_uid_gid(target: Ta
         m.cleanup()
 
 
-def test_atime_equals_mtime(mnt: Mount) -> None:
+def test_atime_is_what_utime_set_and_reads_do_not_move_it(mnt: Mount) -> None:
+    """Never set, atime reads as the mtime; set by utime, it is stored (s3fs's ``atime``
+    key), independently of the mtime, and survives a remount; reads do not move it."""
     p = mnt.path / "t"
     p.write_bytes(b"x")
-    os.utime(p, ns=(1_000_000_000 * 10**9, 1_600_000_000 * 10**9))
     st = p.stat()
-    assert st.st_atime_ns == st.st_mtime_ns == 1_600_000_000 * 10**9
+    assert st.st_atime_ns == st.st_mtime_ns
+    atime, mtime = 1_000_000_000 * 10**9 + 5, 1_600_000_000 * 10**9
+    os.utime(p, ns=(atime, mtime))
+    assert (p.stat().st_atime_ns, p.stat().st_mtime_ns) == (atime, mtime)
     assert p.read_bytes() == b"x"
+    assert p.stat().st_atime_ns == atime
+    os.utime(p, ns=(atime, mtime + 7))  # the mtime alone moves
     mnt.remount()
     st = p.stat()
-    assert st.st_atime_ns == st.st_mtime_ns == 1_600_000_000 * 10**9
+    assert (st.st_atime_ns, st.st_mtime_ns) == (atime, mtime + 7)
+    mnt.stop()
+    metadata = {k.lower(): v for k, v in (head(mnt.target, "t").metadata or {}).items()}
+    assert metadata["atime"] == "1000000000.000000005"
 
 
 @pytest.mark.backends("s3")  # a file:// URL names the bucket directory: it has no prefix

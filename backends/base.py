@@ -28,7 +28,7 @@ import os
 import ssl
 import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableSequence, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar, cast
 
@@ -818,11 +818,12 @@ class Backend:
 
         async def run(batch: Sequence[str]) -> None:
             async with slots:
-                progress, sent = Progress(), collections.deque[str]()
+                progress, sent, attempt = Progress(), collections.deque[str](), [0]
                 try:
-                    await self._call(self._head_batch, batch, answers, sent, progress,
+                    await self._call(self._head_batch, batch, answers, sent, progress, attempt,
                                      progress=progress, counted=False, resumable=True)
                 finally:
+                    attempt[0] = -1  # an attempt abandoned at its timeout stops at its next key
                     self.requests["head"] += len(sent)
 
         with one_error():
@@ -833,9 +834,14 @@ class Backend:
         return {info.key[n:]: _strip(info, n) for info in answers.values() if info is not None}
 
     def _head_batch(self, keys: Sequence[str], answers: dict[str, ObjectInfo | None],
-                    sent: collections.deque[str], progress: Progress) -> None:
-        """In a worker thread: HEAD each key not yet in ``answers`` (None: not found)."""
+                    sent: collections.deque[str], progress: Progress, attempt: MutableSequence[int]) -> None:
+        """In a worker thread: HEAD each key not yet in ``answers`` (None: not found), until
+        a later attempt of the batch starts or the batch ends (``attempt`` moves on)."""
+        attempt[0] += 1
+        mine = attempt[0]
         for key in keys:
+            if attempt[0] != mine:
+                return  # abandoned at its timeout: the next attempt goes on from here
             if key in answers:
                 continue  # answered by an earlier attempt of this batch
             sent.append(key)

@@ -811,7 +811,9 @@ class Backend:
         and an attempt's timeout counts from the last answer, not from the batch's start.
         Every HEAD sent counts as one ``head`` request."""
         full = [self.full_key(k) for k in keys]
-        parallel = max(1, parallel)
+        # More batches than worker threads would only queue for them: a small page's HEADs
+        # go in as few batches as keep every thread busy.
+        parallel = max(1, min(parallel, int(self.limiter.total_tokens)))
         size = max(1, min(HEAD_BATCH, -(-len(full) // parallel)))
         answers: dict[str, ObjectInfo | None] = {}
         slots = trio.CapacityLimiter(parallel)

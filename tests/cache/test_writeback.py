@@ -158,3 +158,41 @@ def test_an_id_whose_try_is_under_way_at_resume_goes_again_in_its_place() -> Non
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_small_uploads_have_their_own_wider_lane_beside_the_big_ones() -> None:
+    """With ``parallel`` 2 and ``small_parallel`` 5, two big uploads in flight hold back a
+    third big one but no small one: five small uploads run beside them, and not a sixth."""
+    queue = WritebackQueue(delay=0.0, parallel=2, small_parallel=5)
+    release = trio.Event()
+    running: set[str] = set()
+    most = {"big": 0, "small": 0}
+    stored: list[str] = []
+
+    async def store(id: str) -> None:
+        running.add(id)
+        for kind in most:
+            most[kind] = max(most[kind], sum(r.startswith(kind) for r in running))
+        await release.wait()
+        running.discard(id)
+        stored.append(id)
+
+    ids = [f"big{i}" for i in range(3)] + [f"small{i}" for i in range(8)]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(queue.run, store, lambda id: id.startswith("small"))
+            for id in ids:
+                queue.schedule(id, 0)
+            with trio.fail_after(30):
+                while len(running) < 7:
+                    await trio.sleep(0.01)
+                await trio.sleep(0.05)  # none beyond the two lanes' bounds starts meanwhile
+                assert sorted(r[:3] for r in running) == ["big"] * 2 + ["sma"] * 5
+                release.set()
+                while len(stored) < len(ids):
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert most == {"big": 2, "small": 5}

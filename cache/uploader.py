@@ -67,8 +67,6 @@ GiB = 1024**3
 # long after its last change, though the write-back delay passed: a writer's pauses (the
 # kernel's write-back, a slow source) must not complete the upload half-way.
 STREAM_IDLE = 30.0
-# A file up to this size is a small upload: one request, in the queue's small-upload lane.
-SMALL_UPLOAD = 1024 * 1024
 
 
 def conflict_key(key: str) -> str:
@@ -113,7 +111,7 @@ class Uploader:
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The write-back queue (which also stages files under cache pressure), until cancelled."""
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.queue.run, self._store, self._small)
+            await nursery.start(self.queue.run, self._store)
             task_status.started()
 
     def sync(self) -> None:
@@ -126,12 +124,6 @@ class Uploader:
         """Writers wait for cache space: upload everything now (a file still open stages
         its whole parts instead, see ``_store``)."""
         self.queue.expedite()
-
-    def _small(self, fid: str) -> bool:
-        """Whether the file goes up in one short request (``SMALL_UPLOAD`` bytes at most, no
-        multipart upload open): the queue gives such uploads their own, wider lane."""
-        file = self.cache.files.get(fid)
-        return file is not None and file.size <= SMALL_UPLOAD and file.open_upload is None
 
     async def _store(self, fid: str) -> float | None:
         file = self.cache.files.get(fid)

@@ -2,13 +2,11 @@
 
 It knows ids, never files or the cache.  An id is due ``delay`` seconds after it was last
 scheduled, so a file that keeps changing is uploaded once it settles; ``expedite`` makes
-ids due at once (cache pressure, unmount).  ``run(store, small)`` calls ``store(id)`` for
-due ids, at most ``parallel`` at a time, and besides them up to ``small_parallel`` ids that
-``small(id)`` says are small uploads (one short request each): a thousand tiny files do not
-wait in line behind four big ones, nor go up four at a time.  ``store`` returns None when
-the id is done, or a number of seconds after which to call it again (the file was busy); an
-exception is a failed try: the id is retried after a delay that doubles per consecutive
-failure, capped at ``max_backoff``.  A success resets it.  ``resume`` (the store answers again after an
+ids due at once (cache pressure, unmount).  ``run(store)`` calls ``store(id)`` for due ids,
+at most ``parallel`` at a time.  ``store`` returns None when the id is done, or a number of
+seconds after which to call it again (the file was busy); an exception is a failed try:
+the id is retried after a delay that doubles per consecutive failure, capped at
+``max_backoff``.  A success resets it.  ``resume`` (the store answers again after an
 outage) retries every queued id, backoffs forgotten, one at a time in the order the ids
 were queued: parallel tries would reach the store in any order.
 
@@ -34,19 +32,13 @@ log = logging.getLogger(__name__)
 Store = Callable[[str], Awaitable[float | None]]
 
 
-def _none_small(id: str) -> bool:
-    return False
-
-
 class WritebackQueue:
-    def __init__(self, *, delay: float, parallel: int = 4, small_parallel: int = 16,
-                 initial_backoff: float = 1.0, max_backoff: float = 300.0) -> None:
+    def __init__(self, *, delay: float, parallel: int = 4, initial_backoff: float = 1.0,
+                 max_backoff: float = 300.0) -> None:
         self.delay = delay
         self.initial_backoff = initial_backoff
         self.max_backoff = max_backoff
         self.slots = trio.CapacityLimiter(parallel)
-        self.small_slots = trio.CapacityLimiter(small_parallel)
-        self._small: Callable[[str], bool] = _none_small
         self._due: dict[str, float] = {}  # id -> monotonic due time (the heap may hold stale ones)
         self._heap: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
@@ -126,9 +118,7 @@ class WritebackQueue:
         heapq.heappush(self._heap, (due, next(self._seq), id))
         self._wakeup.set()
 
-    async def run(self, store: Store, small: Callable[[str], bool] = _none_small,
-                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self._small = small
+    async def run(self, store: Store, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._resume_in_order, store)
             task_status.started()
@@ -167,7 +157,7 @@ class WritebackQueue:
     async def _one(self, store: Store, id: str) -> None:
         again: float | None = None
         try:
-            async with self.small_slots if self._small(id) else self.slots:
+            async with self.slots:
                 again = await store(id)
             self.tries.pop(id, None)
             self.retry_at.pop(id, None)

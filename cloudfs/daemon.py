@@ -502,9 +502,7 @@ class Mount:
 
 def build(backend: Backend, cache_dir: str, opts: MountOptions, notify: Notify) -> Mount:
     """Wire queue, cache, uploader and file system for one mount (the cache is not open yet)."""
-    # Small files (one request each) go up to ``connections`` at a time, beside ``transfers``.
-    queue = WritebackQueue(delay=opts.writeback_delay, parallel=opts.transfers,
-                           small_parallel=opts.connections)
+    queue = WritebackQueue(delay=opts.writeback_delay, parallel=opts.transfers)
     # The uploader and the VFS need the cache, which calls back into them: the callbacks
     # name them before they exist and run only once all three do.
     uploader: Uploader

@@ -47,8 +47,7 @@ OPTIONS: dict[str, str] = {
                     "by other tools show up after at most this, except in folder listings and in "
                     "folders whose listing is kept (see dir_cache_time) (default 10)",
     "readahead": "blocks fetched ahead of a sequential reader (default 4)",
-    "transfers": "files over 1 MiB uploaded in parallel (default 4); smaller files go up "
-                 "`connections` at a time beside them",
+    "transfers": "files uploaded in parallel (default 4)",
     "connections": "concurrent requests to the backend (default 16)",
     "retries": "attempts for a failing request before the call fails with EIO (default 6)",
     "timeout": "seconds a transfer may go without moving a byte before it counts as failed; a "

@@ -832,8 +832,8 @@ class Backend:
             async with trio.open_nursery() as nursery:
                 for i in range(0, len(full), size):
                     nursery.start_soon(run, full[i:i + size])
-        n = len(self.prefix)
-        return {info.key[n:]: _strip(info, n) for info in answers.values() if info is not None}
+        stripped = (_strip(info, len(self.prefix)) for info in answers.values() if info is not None)
+        return {info.key: info for info in stripped}
 
     def _head_batch(self, keys: Sequence[str], answers: dict[str, ObjectInfo | None],
                     sent: collections.deque[str], progress: Progress, attempt: MutableSequence[int]) -> None:

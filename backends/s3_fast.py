@@ -237,16 +237,16 @@ class Answer:
 
     __slots__ = ("content", "headers", "status_code")
 
-    def __init__(self, status: int, headers: http.client.HTTPMessage, content: bytes) -> None:
+    def __init__(self, status: int, headers: Any, content: bytes) -> None:
         self.status_code = status
-        self.headers = headers
+        self.headers = headers  # http.client's HTTPMessage, or botocore's HeadersDict
         self.content = content
 
     def for_botocore(self) -> Answer:
         """The same answer with botocore's header type, for its error parser."""
         from botocore.awsrequest import HeadersDict
 
-        return Answer(self.status_code, HeadersDict(self.headers.items()), self.content)  # type: ignore[arg-type]
+        return Answer(self.status_code, HeadersDict(self.headers.items()), self.content)
 
 
 class FastPath:
